@@ -1,0 +1,22 @@
+"""TPU pod slice: full NSynth, a large tokenizer, VAR depth 24, data x fsdp mesh, bf16."""
+from mars_jax import defaults
+
+
+def get_config():
+  c = defaults.get_config()
+  c.data.source = 'nsynth'
+  c.data.path = 'gs://YOUR_BUCKET/nsynth'
+  c.data.pitch_range = (21, 108)
+  c.data.loader_workers = 16
+  c.cmx.factor = 8
+  c.tokenizer.channels = 160
+  c.tokenizer.channel_mult = (1, 2, 2)
+  c.tokenizer.train.batch_size = 512
+  c.tokenizer.train.compute_dtype = 'bfloat16'
+  c.autoregressor.depth = 24
+  c.autoregressor.train.batch_size = 1024
+  c.autoregressor.train.compute_dtype = 'bfloat16'
+  c.mesh.data = -1
+  c.mesh.fsdp = 8
+  c.mesh.tensor = 1
+  return c

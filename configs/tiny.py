@@ -1,0 +1,45 @@
+"""Embedded default: the whole pipeline on a 2-core CPU in minutes, on synthetic notes.
+
+8 kHz, 1.024 s notes -> 128 x 128 spectrogram -> CMX r=4 -> 32 x 32 x 16 -> 8 x 8 latent.
+"""
+from mars_jax import defaults
+
+
+def get_config():
+  c = defaults.get_config()
+  c.data.source = 'synthetic'
+  c.data.pitch_range = (48, 71)
+  c.data.synthetic.families = ('brass', 'flute', 'guitar', 'organ')
+  c.data.synthetic.per_pitch_family = 6
+  c.data.examples_per_shard = 256
+  c.spectrogram.sample_rate = 8000
+  c.spectrogram.duration = 1.024
+  c.spectrogram.n_fft = 256
+  c.spectrogram.hop = 64
+  c.spectrogram.griffin_lim_iters = 32
+  c.cmx.factor = 4
+  c.tokenizer.channels = 32
+  c.tokenizer.channel_mult = (1, 2, 2)
+  c.tokenizer.num_res_blocks = 1
+  c.tokenizer.groups = 8
+  c.tokenizer.latent_channels = 16
+  c.tokenizer.codebook_size = 256
+  c.tokenizer.scales = (1, 2, 4, 8)
+  c.tokenizer.num_phi = 2
+  c.tokenizer.train.steps = 300
+  c.tokenizer.train.batch_size = 16
+  c.tokenizer.train.checkpoint_every = 100
+  c.tokenizer.train.eval_every = 100
+  c.tokenizer.train.lr = 1e-3
+  c.autoregressor.depth = 4
+  c.autoregressor.train.steps = 300
+  c.autoregressor.train.batch_size = 32
+  c.autoregressor.train.checkpoint_every = 100
+  c.autoregressor.train.eval_every = 100
+  c.autoregressor.train.lr = 1e-3
+  c.sample.num = 16
+  c.sample.top_k = 0
+  c.sample.top_p = 1.0
+  c.sample.cfg = 1.5
+  c.evaluate.ndb_bins = 10
+  return c

@@ -1,0 +1,180 @@
+"""Validates a config and derives every shape from it, once, before anything compiles.
+
+All other modules read shapes from `Shapes`, never recompute them, so a change of
+sample rate, hop, CMX factor or scale schedule flows through the whole pipeline.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import math
+
+MODES = ('cmx', 'truncate', 'none')
+SOURCES = ('synthetic', 'nsynth', 'folder')
+
+
+class ConfigError(ValueError):
+  """A config field is inconsistent; the message names the field and a fix."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Shapes:
+  n_samples: int        # waveform length
+  freq_bins: int        # spectrogram rows (Nyquist bin dropped)
+  frames: int           # spectrogram columns (last frame dropped)
+  image: tuple          # tokenizer input (H, W, C) after CMX / truncation
+  downsample: int       # encoder spatial reduction
+  latent: tuple         # (h, w, d) encoder output = code map size
+  scales: tuple         # token map sides, coarse to fine
+  num_tokens: int       # sum of side**2 over scales
+  num_pitches: int
+  pitch_lo: int
+
+  @property
+  def spectrogram(self):
+    return (self.freq_bins, self.frames)
+
+
+def _divisors_near(n, target, k=3):
+  ds = [d for d in range(1, n + 1) if n % d == 0]
+  return sorted(ds, key=lambda d: abs(d - target))[:k]
+
+
+def derive(config) -> Shapes:
+  """Computes all shapes from `config`, raising ConfigError naming the field at fault."""
+  s = config.spectrogram
+  if config.data.source not in SOURCES:
+    raise ConfigError(f'data.source={config.data.source!r}: use one of {SOURCES}.')
+  n_exact = s.sample_rate * s.duration
+  n = int(round(n_exact))
+  if abs(n - n_exact) > 1e-6:
+    raise ConfigError(f'spectrogram.duration={s.duration} gives a non-integer number of samples '
+                      f'at sample_rate={s.sample_rate}; choose a duration d with sample_rate*d whole.')
+  if s.n_fft % 2 or s.n_fft < 4:
+    raise ConfigError(f'spectrogram.n_fft={s.n_fft} must be even and >= 4, e.g. 1024.')
+  if s.hop <= 0 or n % s.hop:
+    raise ConfigError(
+        f'spectrogram.hop={s.hop} does not divide the {n} samples of a clip, so the frame count is '
+        f'not whole; valid hops near it: {_divisors_near(n, s.hop)}.')
+  if s.hop > s.n_fft:
+    raise ConfigError(f'spectrogram.hop={s.hop} exceeds n_fft={s.n_fft}; frames would not overlap.')
+  freq, frames = s.n_fft // 2, n // s.hop
+
+  r = config.cmx.factor
+  mode = config.cmx.mode
+  if mode not in MODES:
+    raise ConfigError(f'cmx.mode={mode!r}: use one of {MODES}.')
+  if mode == 'none':
+    image = (freq, frames, 1)
+  else:
+    if r < 1 or freq % r or frames % r:
+      good = [d for d in range(1, 33) if freq % d == 0 and frames % d == 0]
+      raise ConfigError(f'cmx.factor={r} must divide the spectrogram ({freq} x {frames}); '
+                        f'valid factors: {good}.')
+    image = (freq // r, frames // r, r * r if mode == 'cmx' else 1)
+
+  t = config.tokenizer
+  mult = tuple(t.channel_mult)
+  if not mult:
+    raise ConfigError('tokenizer.channel_mult is empty; e.g. (1, 2, 4).')
+  down = 2 ** (len(mult) - 1)
+  if image[0] % down or image[1] % down:
+    raise ConfigError(
+        f'tokenizer.channel_mult={mult} halves the {image[0]} x {image[1]} input {len(mult) - 1} '
+        f'times, which does not divide it; use fewer entries or another cmx.factor.')
+  latent = (image[0] // down, image[1] // down, t.latent_channels)
+  for m in mult:
+    if (t.channels * m) % t.groups:
+      raise ConfigError(f'tokenizer.groups={t.groups} must divide every width '
+                        f'tokenizer.channels*channel_mult ({t.channels}*{m}).')
+  scales = tuple(int(p) for p in t.scales)
+  if latent[0] != latent[1]:
+    raise ConfigError(f'the latent map is {latent[0]} x {latent[1]}, but token scales are square; '
+                      f'make the spectrogram square (spectrogram.n_fft/2 == samples/hop).')
+  if not scales or any(b <= a for a, b in zip(scales, scales[1:])) or scales[0] < 1:
+    raise ConfigError(f'tokenizer.scales={scales} must be positive and strictly increasing.')
+  if scales[-1] > latent[0]:
+    raise ConfigError(f'tokenizer.scales has {scales[-1]}, larger than the {latent[0]} x {latent[1]} '
+                      f'latent; the last scale must equal {latent[0]}.')
+  if scales[-1] != latent[0]:
+    raise ConfigError(f'tokenizer.scales must end at the latent side {latent[0]} (got {scales[-1]}); '
+                      f'e.g. append {latent[0]}.')
+  if t.lookup not in ('l2', 'cosine'):
+    raise ConfigError(f"tokenizer.lookup={t.lookup!r}: use 'l2' or 'cosine'.")
+  if not 1 <= t.num_phi <= len(scales):
+    raise ConfigError(f'tokenizer.num_phi={t.num_phi} must be in [1, {len(scales)}].')
+
+  lo, hi = (int(v) for v in config.data.pitch_range)
+  if not 0 <= lo <= hi <= 127:
+    raise ConfigError(f'data.pitch_range={tuple(config.data.pitch_range)} must be (lo, hi) with '
+                      f'0 <= lo <= hi <= 127, e.g. (24, 84).')
+  if config.data.instrument_label not in ('family', 'instrument'):
+    raise ConfigError(f"data.instrument_label={config.data.instrument_label!r}: "
+                      f"use 'family' or 'instrument'.")
+
+  for stage in ('tokenizer', 'autoregressor'):
+    tr = config[stage].train
+    for field in ('steps', 'batch_size', 'checkpoint_every', 'log_every', 'eval_every'):
+      if tr[field] < 1:
+        raise ConfigError(f'{stage}.train.{field}={tr[field]} must be >= 1.')
+    if tr.compute_dtype not in ('float32', 'bfloat16'):
+      raise ConfigError(f"{stage}.train.compute_dtype={tr.compute_dtype!r}: "
+                        f"use 'float32' or 'bfloat16'.")
+  a = config.autoregressor
+  width = a.width or 64 * a.depth
+  heads = a.heads or a.depth
+  if width % heads:
+    raise ConfigError(f'autoregressor.width={width} must be divisible by autoregressor.heads={heads}.')
+
+  return Shapes(n_samples=n, freq_bins=freq, frames=frames, image=image, downsample=down,
+                latent=latent, scales=scales, num_tokens=sum(p * p for p in scales),
+                num_pitches=hi - lo + 1, pitch_lo=lo)
+
+
+def mesh_shape(config, num_devices: int) -> dict:
+  """Resolves mesh axis sizes (-1 = the rest) against the device count."""
+  sizes = {k: int(config.mesh[k]) for k in ('data', 'fsdp', 'tensor')}
+  free = [k for k, v in sizes.items() if v == -1]
+  if len(free) > 1:
+    raise ConfigError(f'mesh: only one axis may be -1, got {free}.')
+  if any(v == 0 or v < -1 for v in sizes.values()):
+    raise ConfigError(f'mesh sizes must be positive or -1, got {sizes}.')
+  fixed = math.prod(v for v in sizes.values() if v != -1)
+  if free:
+    if num_devices % fixed:
+      raise ConfigError(f'mesh: {sizes} leaves {num_devices}/{fixed} devices for mesh.{free[0]}, '
+                        f'not whole; make the fixed axes divide {num_devices}.')
+    sizes[free[0]] = num_devices // fixed
+  if math.prod(sizes.values()) != num_devices:
+    raise ConfigError(f'mesh.data*mesh.fsdp*mesh.tensor = {math.prod(sizes.values())} but there are '
+                      f'{num_devices} devices; set one axis to -1 to take the rest.')
+  return sizes
+
+
+def validate_batch(config, stage: str, num_devices: int, num_processes: int = 1) -> dict:
+  """Checks that `stage`'s global batch splits over the data-parallel axes and the processes."""
+  sizes = mesh_shape(config, num_devices)
+  dp = sizes['data'] * sizes['fsdp']
+  b = config[stage].train.batch_size
+  if b % dp:
+    raise ConfigError(f'{stage}.train.batch_size={b} is not divisible by the data-parallel size '
+                      f'mesh.data*mesh.fsdp={dp}; use e.g. {max(dp, b // dp * dp)}.')
+  if b % num_processes:
+    raise ConfigError(f'{stage}.train.batch_size={b} is not divisible by the {num_processes} '
+                      f'processes.')
+  return sizes
+
+
+def fingerprint(config, *sections) -> str:
+  """A short hash of the named config sections: a stage's output matches its config iff equal."""
+  def plain(v):
+    if hasattr(v, 'to_dict'):
+      v = v.to_dict()
+    if isinstance(v, dict):
+      return {k: plain(x) for k, x in sorted(v.items())}
+    if isinstance(v, (list, tuple)):
+      return [plain(x) for x in v]
+    return v
+  blob = json.dumps({s: plain(config[s]) for s in sections}, sort_keys=True, default=str)
+  return hashlib.sha256(blob.encode()).hexdigest()[:16]

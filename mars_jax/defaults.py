@@ -1,0 +1,136 @@
+"""Every config field with its default; configs/*.py state only what differs.
+
+The keys listed in DESIGN.md ("Config keys other tools rely on") are a contract:
+keep their names and meanings. Shapes are never set here directly; they are
+derived once, in `mars_jax.config.derive`, from the fields below.
+"""
+import ml_collections as mlc
+
+
+def _train(steps, batch_size, lr):
+  t = mlc.ConfigDict()
+  t.steps = steps
+  t.batch_size = batch_size          # global batch, over all processes
+  t.checkpoint_every = max(1, steps // 4)
+  t.keep_checkpoints = 2
+  t.log_every = 10
+  t.eval_every = max(1, steps // 4)
+  t.lr = lr
+  t.warmup_steps = max(1, steps // 20)
+  t.end_lr_fraction = 0.1            # cosine decay to lr * this
+  t.b1 = 0.9
+  t.b2 = 0.95
+  t.weight_decay = 0.05              # matrices only
+  t.clip_norm = 2.0
+  t.ema_decay = 0.0                  # 0 disables the parameter EMA
+  t.compute_dtype = 'float32'        # 'bfloat16': bf16 compute, fp32 master weights
+  return t
+
+
+def get_config():
+  c = mlc.ConfigDict()
+  c.seed = 0
+
+  # --- data ---------------------------------------------------------------
+  c.data = mlc.ConfigDict()
+  c.data.source = 'synthetic'        # 'synthetic' | 'nsynth' | 'folder'
+  c.data.path = ''                   # nsynth: folder with nsynth-{train,valid,test}/; folder: audio root
+  c.data.labels_csv = ''             # folder source: CSV (file,pitch,instrument[,split]); '' = <path>/labels.csv
+  c.data.pitch_range = (21, 108)     # inclusive MIDI pitches kept
+  c.data.instrument_sources = ()     # nsynth filter, e.g. ('acoustic',); () keeps all
+  c.data.instrument_families = ()    # nsynth filter, e.g. ('brass', 'string'); () keeps all
+  c.data.velocities = ()             # nsynth filter, e.g. (75, 100); () keeps all
+  c.data.instrument_label = 'family'  # conditioning label: 'family' | 'instrument'
+  c.data.storage_dtype = 'float16'   # dtype of the stored spectrograms
+  c.data.examples_per_shard = 2048
+  c.data.prepare_workers = 0         # processes for `prepare`; 0 = all cores
+  c.data.loader_workers = 0          # grain worker processes; 0 = in-process
+  c.data.silence_db = -60.0          # peak below this (dBFS) counts as silence and is skipped
+  c.data.max_files = 0               # 0 = all; >0 caps each split (quick experiments)
+  c.data.synthetic = mlc.ConfigDict()
+  c.data.synthetic.families = ('bass', 'brass', 'flute', 'guitar', 'keyboard',
+                               'mallet', 'organ', 'reed', 'string', 'vocal')
+  c.data.synthetic.per_pitch_family = 2    # train notes per (pitch, family)
+  c.data.synthetic.valid_fraction = 0.1
+  c.data.synthetic.test_fraction = 0.1
+
+  # --- spectrogram front end ----------------------------------------------
+  c.spectrogram = mlc.ConfigDict()
+  c.spectrogram.sample_rate = 16000
+  c.spectrogram.duration = 4.0       # seconds; sample_rate*duration must be a multiple of hop
+  c.spectrogram.n_fft = 1024         # Nyquist bin dropped -> n_fft/2 frequency rows
+  c.spectrogram.hop = 125            # last frame dropped -> samples/hop time columns
+  c.spectrogram.log_eps = 1e-5       # value = log(magnitude + eps); magnitude 1 = full-scale sine
+  c.spectrogram.log_max = 1.0        # log-magnitude mapped to [-1, 1] from [log(eps), log_max]
+  c.spectrogram.griffin_lim_iters = 64
+  c.spectrogram.griffin_lim_momentum = 0.99  # "fast Griffin-Lim"; 0 = classic
+
+  # --- channel multiplexing -----------------------------------------------
+  c.cmx = mlc.ConfigDict()
+  c.cmx.mode = 'cmx'                 # 'cmx' | 'truncate' (lossy ablation) | 'none'
+  c.cmx.factor = 8                   # r: every r x r block becomes r*r channels
+
+  # --- tokenizer ----------------------------------------------------------
+  c.tokenizer = mlc.ConfigDict()
+  c.tokenizer.channels = 128
+  c.tokenizer.channel_mult = (1, 2, 4)  # one down-sampling between consecutive entries
+  c.tokenizer.num_res_blocks = 2
+  c.tokenizer.groups = 32            # GroupNorm groups
+  c.tokenizer.latent_channels = 32   # = code dimension
+  c.tokenizer.codebook_size = 4096
+  c.tokenizer.scales = (1, 2, 3, 4, 5, 6, 8, 10, 13, 16)
+  c.tokenizer.lookup = 'l2'          # 'l2' | 'cosine'
+  c.tokenizer.beta = 0.25            # commitment weight
+  c.tokenizer.num_phi = 4            # phi convs shared across neighbouring scales
+  c.tokenizer.phi_ratio = 0.5
+  c.tokenizer.quant_dropout = 0.0    # ImageFolder quantizer dropout probability
+  c.tokenizer.dead_code_reseed = True
+  c.tokenizer.l1_weight = 1.0
+  c.tokenizer.l2_weight = 1.0
+  c.tokenizer.vq_weight = 1.0
+  c.tokenizer.gan_weight = 0.0       # 0 disables the hinge-GAN
+  c.tokenizer.gan_start = 0
+  c.tokenizer.train = _train(steps=100_000, batch_size=64, lr=2e-4)
+
+  # --- scale autoregressor ------------------------------------------------
+  c.autoregressor = mlc.ConfigDict()
+  c.autoregressor.depth = 16         # width 64*depth, heads = depth, MLP 4x
+  c.autoregressor.width = 0          # 0 = 64 * depth
+  c.autoregressor.heads = 0          # 0 = depth
+  c.autoregressor.mlp_ratio = 4.0
+  c.autoregressor.label_dropout = 0.1
+  c.autoregressor.train = _train(steps=200_000, batch_size=256, lr=1e-4)
+
+  # --- sampling -----------------------------------------------------------
+  c.sample = mlc.ConfigDict()
+  c.sample.num = 64
+  c.sample.cfg = 3.0                 # guidance at the last scale; ramps linearly from 0
+  c.sample.top_k = 600
+  c.sample.top_p = 0.96
+  c.sample.seed = 0
+  c.sample.batch_size = 16
+  c.sample.pitches = ()              # () = the whole pitch range
+  c.sample.instruments = ()          # () = every instrument label
+
+  # --- evaluation ---------------------------------------------------------
+  c.evaluate = mlc.ConfigDict()
+  c.evaluate.ndb_bins = 50
+  c.evaluate.kid_c = 16.0
+
+  # --- scale-out ----------------------------------------------------------
+  c.mesh = mlc.ConfigDict()
+  c.mesh.data = -1                   # -1: all remaining devices
+  c.mesh.fsdp = 1
+  c.mesh.tensor = 1
+  # logical axis name -> mesh axes (None = replicated); MaxText-style rules.
+  c.mesh.rules = (
+      ('batch', ('data', 'fsdp')),
+      ('embed', 'fsdp'),
+      ('mlp', 'tensor'),
+      ('heads', 'tensor'),
+      ('vocab', 'tensor'),
+      ('conv_in', None),
+      ('conv_out', 'fsdp'),
+      ('codes', None),
+  )
+  return c

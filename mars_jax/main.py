@@ -1,0 +1,97 @@
+"""CLI: flags -> validated config -> stages, in order, each resumable.
+
+  python -m mars_jax.main --config=configs/tiny.py --workdir=/tmp/mars \
+      [--stages=prepare,tokenizer] [--config.tokenizer.train.steps=100]
+"""
+import importlib
+import json
+import os
+import pathlib
+import sys
+import time
+
+from absl import app
+from absl import flags
+from absl import logging
+from ml_collections import config_flags
+
+from mars_jax import config as config_lib
+
+STAGES = ('prepare', 'tokenizer', 'autoregressor', 'sample', 'evaluate')
+# Each stage module has `run(config, workdir)` and `is_complete(config, workdir) -> bool`.
+STAGE_MODULES = {
+    'prepare': 'mars_jax.data.prepare',
+    'tokenizer': 'mars_jax.stages.tokenizer',
+    'autoregressor': 'mars_jax.stages.autoregressor',
+    'sample': 'mars_jax.stages.sample',
+    'evaluate': 'mars_jax.stages.evaluate',
+}
+DEFAULT_CONFIG = str(pathlib.Path(__file__).resolve().parents[1] / 'configs' / 'tiny.py')
+
+_CONFIG = config_flags.DEFINE_config_file(
+    'config', DEFAULT_CONFIG, 'Config file (configs/*.py); default: the embedded tiny config.',
+    lock_config=True)
+_WORKDIR = flags.DEFINE_string('workdir', None, 'Output folder (see README: workdir layout).')
+_STAGES = flags.DEFINE_list('stages', ','.join(STAGES), f'Stages to run, a subset of {STAGES}.')
+_FORCE = flags.DEFINE_bool('force', False, 'Rerun stages even when their output is complete.')
+
+
+class StageNotImplemented(RuntimeError):
+  pass
+
+
+def load_stage(name):
+  """Imports a stage module, telling a missing stage apart from a broken one."""
+  module = STAGE_MODULES[name]
+  try:
+    return importlib.import_module(module)
+  except ModuleNotFoundError as e:
+    if e.name and module.startswith(e.name):
+      raise StageNotImplemented(f'stage {name!r} is not implemented yet ({module} is missing).')
+    raise
+
+
+def parse_stages(stages):
+  unknown = [s for s in stages if s not in STAGES]
+  if unknown:
+    raise config_lib.ConfigError(f'--stages: unknown {unknown}; choose from {",".join(STAGES)}.')
+  return [s for s in STAGES if s in stages]  # always in pipeline order
+
+
+def run(config, workdir, stages=STAGES, force=False, out=print):
+  """Validates `config`, then runs `stages` in order; returns nothing, raises on failure."""
+  shapes = config_lib.derive(config)
+  stages = parse_stages(stages)
+  os.makedirs(workdir, exist_ok=True)
+  with open(os.path.join(workdir, 'config.json'), 'w') as f:
+    f.write(config.to_json_best_effort(indent=2))
+  out(f'mars_jax: workdir {workdir}; spectrogram {shapes.spectrogram} -> image {shapes.image} '
+      f'-> latent {shapes.latent}; scales {shapes.scales} ({shapes.num_tokens} tokens)')
+  for name in stages:
+    stage = load_stage(name)
+    if not force and stage.is_complete(config, workdir):
+      out(f'[{name}] complete and matching the config: skipped (use --force to rerun).')
+      continue
+    out(f'[{name}] starting')
+    t0 = time.time()
+    stage.run(config, workdir)
+    out(f'[{name}] done in {time.time() - t0:.1f}s')
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f'unexpected arguments: {argv[1:]}')
+  if not _WORKDIR.value:
+    raise app.UsageError('--workdir is required (the folder every stage writes into).')
+  try:
+    run(_CONFIG.value, _WORKDIR.value, _STAGES.value, _FORCE.value)
+  except config_lib.ConfigError as e:
+    print(f'config error: {e}', file=sys.stderr)
+    sys.exit(2)
+  except StageNotImplemented as e:
+    print(f'error: {e}', file=sys.stderr)
+    sys.exit(3)
+
+
+if __name__ == '__main__':
+  app.run(main)
