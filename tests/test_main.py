@@ -1,0 +1,37 @@
+"""The CLI: config errors exit 2 naming the field, missing stages exit 3, stage order is fixed."""
+import subprocess
+import sys
+
+import pytest
+
+from mars_jax import config as config_lib
+from mars_jax import main
+
+
+def _cli(*args, cwd=None):
+  return subprocess.run([sys.executable, '-m', 'mars_jax.main', *args], capture_output=True,
+                        text=True, cwd=cwd, timeout=120)
+
+
+def test_bad_override_exits_2_naming_the_field(tmp_path):
+  r = _cli(f'--workdir={tmp_path}', '--config.cmx.factor=3', '--stages=prepare')
+  assert r.returncode == 2
+  assert 'cmx.factor=3' in r.stderr and 'valid factors' in r.stderr
+  assert not (tmp_path / 'data').exists()  # nothing ran
+
+
+def test_unknown_stage_is_rejected(tmp_path):
+  r = _cli(f'--workdir={tmp_path}', '--stages=prepare,train')
+  assert r.returncode == 2 and "unknown ['train']" in r.stderr
+
+
+def test_missing_stage_module_is_reported_not_crashed(monkeypatch):
+  monkeypatch.setitem(main.STAGE_MODULES, 'evaluate', 'mars_jax.stages.no_such_stage')
+  with pytest.raises(main.StageNotImplemented, match="stage 'evaluate' is not implemented"):
+    main.load_stage('evaluate')
+
+
+def test_stages_run_in_pipeline_order():
+  assert main.parse_stages(['sample', 'prepare', 'tokenizer']) == ['prepare', 'tokenizer', 'sample']
+  with pytest.raises(config_lib.ConfigError):
+    main.parse_stages(['bogus'])
