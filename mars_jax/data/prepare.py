@@ -1,0 +1,293 @@
+"""The `prepare` stage: audio -> normalised log-magnitude spectrograms in ArrayRecord shards.
+
+Output (a contract other stages read), under DIR/data/:
+  {split}-{i:05d}-of-{n:05d}.array_record   one record per note (mars_jax.data.records)
+  {split}-{i:05d}-of-{n:05d}.done.json      per-shard sidecar: content hash, counts, skips
+  manifest.json                             written last, atomically: the stage is complete
+
+Spectrograms are stored in (F, T) layout in data.storage_dtype; CMX is applied at load
+time by the input pipeline, so one prepared set serves every cmx.factor / mode.
+One task = one shard, so a killed run loses at most the shards in flight: a rerun keeps
+every shard whose sidecar hash matches its planned content and redoes the rest. Output
+bytes depend only on the config, not on the number of worker processes.
+"""
+from __future__ import annotations
+
+import collections
+import concurrent.futures
+import hashlib
+import json
+import math
+import multiprocessing
+import os
+import re
+import time
+import types
+
+import numpy as np
+
+from mars_jax.config import ConfigError, derive, fingerprint
+
+FORMAT = 1
+SHARD_RE = re.compile(r'^(train|valid|test)-\d{5}-of-\d{5}\.(array_record|done\.json)$')
+NSYNTH_NOTES = 305_979   # train 289,205 + valid 12,678 + test 4,096
+
+
+def data_dir(workdir):
+  return os.path.join(workdir, 'data')
+
+
+def manifest_path(workdir):
+  return os.path.join(data_dir(workdir), 'manifest.json')
+
+
+def config_hash(config) -> str:
+  return fingerprint(config, 'seed', 'data', 'spectrogram')
+
+
+def load_manifest(workdir):
+  with open(manifest_path(workdir)) as f:
+    return json.load(f)
+
+
+def is_complete(config, workdir) -> bool:
+  """True iff the manifest exists, matches this config, and every shard it names exists."""
+  try:
+    m = load_manifest(workdir)
+  except (OSError, ValueError):
+    return False
+  if m.get('format') != FORMAT or m.get('config_hash') != config_hash(config):
+    return False
+  d = data_dir(workdir)
+  return all(os.path.exists(os.path.join(d, s))
+             for sp in m.get('splits', {}).values() for s in sp.get('shards', []))
+
+
+def _atomic_json(path, obj):
+  tmp = f'{path}.tmp-{os.getpid()}'
+  with open(tmp, 'w') as f:
+    json.dump(obj, f, indent=1, sort_keys=False)
+    f.write('\n')
+    f.flush()
+    os.fsync(f.fileno())
+  os.replace(tmp, path)
+
+
+def _params(config, shapes):
+  """Everything besides the example list that determines a shard's bytes."""
+  s = config.spectrogram
+  dtype = np.dtype(config.data.storage_dtype)
+  if dtype.kind != 'f':
+    raise ConfigError(f'data.storage_dtype={config.data.storage_dtype!r}: use a float dtype, '
+                      f"e.g. 'float16' or 'float32'.")
+  return {'sample_rate': int(s.sample_rate), 'n_samples': shapes.n_samples,
+          'n_fft': int(s.n_fft), 'hop': int(s.hop), 'log_eps': float(s.log_eps),
+          'log_max': float(s.log_max), 'dtype': dtype.name,
+          'silence_db': float(config.data.silence_db)}
+
+
+def _plan(source, vocab, params, per_shard):
+  """[(split, i, n, file stem, [(name, labels, load)], hash)] in a fixed order."""
+  from mars_jax.data.sources import SPLITS
+  fam = {f: i for i, f in enumerate(vocab['family'])}
+  ins = {x: i for i, x in enumerate(vocab['instrument'])}
+  tasks = []
+  for split in SPLITS:
+    exs = source.examples(split)
+    n = math.ceil(len(exs) / per_shard)
+    for i in range(n):
+      chunk = exs[i * per_shard:(i + 1) * per_shard]
+      items = [(e.name, {'pitch': int(e.labels['pitch']), 'velocity': int(e.labels['velocity']),
+                         'family': fam[e.labels['family']],
+                         'instrument': ins[e.labels['instrument']]}, e.load) for e in chunk]
+      h = hashlib.sha256(json.dumps(
+          {'format': FORMAT, 'params': params,
+           'items': [(name, lab, e.key or str(e.load)) for (name, lab, _), e in zip(items, chunk)]},
+          sort_keys=True).encode()).hexdigest()
+      tasks.append({'split': split, 'index': i, 'count': n,
+                    'stem': f'{split}-{i:05d}-of-{n:05d}', 'items': items, 'hash': h})
+  return tasks
+
+
+def _shard_done(d, task):
+  """The sidecar of a complete, matching shard, or None."""
+  path = os.path.join(d, task['stem'] + '.array_record')
+  try:
+    with open(os.path.join(d, task['stem'] + '.done.json')) as f:
+      done = json.load(f)
+  except (OSError, ValueError):
+    return None
+  if done.get('hash') != task['hash'] or not os.path.exists(path):
+    return None
+  if os.path.getsize(path) != done.get('bytes'):
+    return None
+  return done
+
+
+def prepare_shard(task, params, d):
+  """Worker body: decodes, fixes and transforms one shard's clips, writes it, then its sidecar."""
+  from mars_jax.audio.spectrogram import spectrogram
+  from mars_jax.data import audio_io, records
+  t0, c0 = time.perf_counter(), time.process_time()
+  spec_cfg = types.SimpleNamespace(n_fft=params['n_fft'], hop=params['hop'],
+                                   log_eps=params['log_eps'], log_max=params['log_max'])
+  dtype = np.dtype(params['dtype'])
+  fixed = collections.Counter()
+  skipped, out = [], []
+  for name, labels, load in task['items']:
+    try:
+      wave, fixes = audio_io.load_clip(load, params['sample_rate'], params['n_samples'],
+                                       params['silence_db'])
+    except audio_io.BadAudio as e:
+      skipped.append({'file': name, 'split': task['split'], 'reason': str(e)})
+      continue
+    fixed.update(fixes)
+    spec = spectrogram(wave, spec_cfg).astype(dtype)
+    out.append(records.encode(spec, labels, name))
+  path = os.path.join(d, task['stem'] + '.array_record')
+  count = records.write_shard(path, out)
+  done = {'hash': task['hash'], 'file': os.path.basename(path), 'count': count,
+          'bytes': os.path.getsize(path), 'fixed': dict(sorted(fixed.items())),
+          'skipped': skipped, 'clips': len(task['items']),
+          'seconds': round(time.perf_counter() - t0, 3),
+          'cpu_seconds': round(time.process_time() - c0, 3)}
+  _atomic_json(os.path.join(d, task['stem'] + '.done.json'), done)
+  return done
+
+
+def _run_task(args):
+  task, params, d = args
+  return task['stem'], prepare_shard(task, params, d)
+
+
+def _workers(config, n_tasks):
+  w = int(config.data.prepare_workers) or os.cpu_count() or 1
+  return max(1, min(w, n_tasks))
+
+
+def _log(msg):
+  print(msg, flush=True)
+
+
+def run(config, workdir, log=_log):
+  """Prepares DIR/data for `config` (reusing matching shards); returns the manifest."""
+  from mars_jax.data import audio_io, sources
+  shapes = derive(config)
+  chash = config_hash(config)
+  d = data_dir(workdir)
+  if is_complete(config, workdir):
+    log(f'[prepare] {d}: complete (config {chash}), nothing to do')
+    return load_manifest(workdir)
+  per_shard = int(config.data.examples_per_shard)
+  if per_shard < 1:
+    raise ConfigError(f'data.examples_per_shard={per_shard} must be >= 1, e.g. 2048.')
+  t0 = time.perf_counter()
+  source = sources.get_source(config)
+  vocab = sources.vocab(source, config)
+  params = _params(config, shapes)
+  tasks = _plan(source, vocab, params, per_shard)
+  os.makedirs(d, exist_ok=True)
+  # Invalidate first: from here until the new manifest lands, the stage is incomplete.
+  if os.path.exists(manifest_path(workdir)):
+    os.remove(manifest_path(workdir))
+  planned = {t['stem'] + ext for t in tasks for ext in ('.array_record', '.done.json')}
+  for fn in os.listdir(d):
+    if (SHARD_RE.match(fn) and fn not in planned) or '.tmp-' in fn:
+      os.remove(os.path.join(d, fn))
+  results, todo = {}, []
+  for t in tasks:
+    done = _shard_done(d, t)
+    if done is not None:
+      results[t['stem']] = done
+    else:
+      todo.append(t)
+  n_clips = sum(len(t['items']) for t in todo)
+  workers = _workers(config, len(todo))
+  log(f'[prepare] source={config.data.source} -> {d}: {len(tasks)} shards '
+      f'({len(tasks) - len(todo)} reused), {n_clips} clips to do on {workers} worker(s)')
+  t_work = time.perf_counter()
+  jobs = [(t, params, d) for t in todo]
+
+  def report(stem, done):
+    results[stem] = done
+    log(f'[prepare] {stem}: {done["count"]}/{done["clips"]} clips, '
+        f'{len(done["skipped"])} skipped, {done["bytes"] / 1e6:.1f} MB, {done["seconds"]:.1f} s '
+        f'({len(results)}/{len(tasks)} shards)')
+
+  if workers == 1:
+    for job in jobs:
+      report(*_run_task(job))
+  elif jobs:
+    ctx = multiprocessing.get_context('spawn')
+    with concurrent.futures.ProcessPoolExecutor(workers, mp_context=ctx) as pool:
+      futures = [pool.submit(_run_task, job) for job in jobs]
+      try:
+        for fut in concurrent.futures.as_completed(futures):
+          report(*fut.result())
+      except BaseException:
+        for f in futures:
+          f.cancel()
+        raise
+  work_s = time.perf_counter() - t_work
+
+  manifest = _manifest(config, shapes, chash, vocab, source, tasks, results)
+  _atomic_json(manifest_path(workdir), manifest)
+  _summary(manifest, config, shapes, n_clips, work_s, time.perf_counter() - t0, workers, log)
+  return manifest
+
+
+def _manifest(config, shapes, chash, vocab, source, tasks, results):
+  from mars_jax.data import audio_io, sources
+  s = config.spectrogram
+  dtype = np.dtype(config.data.storage_dtype).name
+  lo = math.log(s.log_eps)
+  splits, fixed, skipped = {}, collections.Counter(), []
+  for split in sources.SPLITS:
+    skipped.extend(source.skipped(split))
+    mine = [results[t['stem']] for t in tasks if t['split'] == split]
+    for r in mine:
+      fixed.update(r['fixed'])
+      skipped.extend(r['skipped'])
+    splits[split] = {'count': sum(r['count'] for r in mine),
+                     'shards': [r['file'] for r in mine],
+                     'shard_counts': [r['count'] for r in mine],
+                     'bytes': sum(r['bytes'] for r in mine),
+                     'listed': len(source.examples(split)),
+                     'filtered': source.filtered(split)}
+  kinds = collections.Counter(audio_io.reason_kind(x['reason']) for x in skipped)
+  return {
+      'format': FORMAT,
+      'config_hash': chash,
+      'source': config.data.source,
+      'spectrogram': {'shape': [shapes.freq_bins, shapes.frames], 'dtype': dtype,
+                      'layout': 'FT', 'sample_rate': int(s.sample_rate),
+                      'duration': float(s.duration), 'n_samples': shapes.n_samples,
+                      'n_fft': int(s.n_fft), 'hop': int(s.hop), 'log_eps': float(s.log_eps),
+                      'log_max': float(s.log_max)},
+      'normalisation': {'log_lo': lo, 'log_hi': float(s.log_max)},
+      'vocab': vocab,
+      'splits': splits,
+      'bytes': sum(v['bytes'] for v in splits.values()),
+      'fixed': {k: int(fixed.get(k, 0)) for k in audio_io.FIXES},
+      'skipped': skipped,
+      'skipped_counts': dict(sorted(kinds.items())),
+  }
+
+
+def nsynth_size_estimate(shapes, dtype) -> int:
+  """Bytes of all 305,979 NSynth notes at this config's spectrogram shape and dtype."""
+  return NSYNTH_NOTES * shapes.freq_bins * shapes.frames * np.dtype(dtype).itemsize
+
+
+def _summary(m, config, shapes, n_clips, work_s, total_s, workers, log):
+  counts = ', '.join(f'{k} {v["count"]}' for k, v in m['splits'].items())
+  fixes = ', '.join(f'{k} {v}' for k, v in m['fixed'].items())
+  skips = ', '.join(f'{k} {v}' for k, v in m['skipped_counts'].items()) or 'none'
+  rate = n_clips / work_s if work_s > 0 and n_clips else 0.0
+  est = nsynth_size_estimate(shapes, config.data.storage_dtype)
+  log(f'[prepare] done in {total_s:.1f} s: {counts}; fixed: {fixes}; skipped: {skips}; '
+      f'{m["bytes"] / 1e6:.1f} MB; {rate:.0f} clips/s on {workers} worker(s) '
+      f'({rate / workers:.0f} per worker)')
+  log(f'[prepare] full NSynth at {shapes.freq_bins}x{shapes.frames} '
+      f'{np.dtype(config.data.storage_dtype).name}: {NSYNTH_NOTES} notes -> '
+      f'{est / 1e9:.1f} GB ({est / 2**30:.1f} GiB)')
