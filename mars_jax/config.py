@@ -166,8 +166,11 @@ def validate_batch(config, stage: str, num_devices: int, num_processes: int = 1)
   return sizes
 
 
-def fingerprint(config, *sections) -> str:
-  """A short hash of the named config sections: a stage's output matches its config iff equal."""
+def fingerprint(config, *sections, exclude=()) -> str:
+  """A short hash of the named config sections: a stage's output matches its config iff equal.
+
+  `exclude` lists dotted fields that do not change the output (worker counts, say).
+  """
   def plain(v):
     if hasattr(v, 'to_dict'):
       v = v.to_dict()
@@ -176,5 +179,13 @@ def fingerprint(config, *sections) -> str:
     if isinstance(v, (list, tuple)):
       return [plain(x) for x in v]
     return v
-  blob = json.dumps({s: plain(config[s]) for s in sections}, sort_keys=True, default=str)
+  tree = {s: plain(config[s]) for s in sections}
+  for dotted in exclude:
+    *path, last = dotted.split('.')
+    node = tree
+    for k in path:
+      node = node.get(k, {}) if isinstance(node, dict) else {}
+    if isinstance(node, dict):
+      node.pop(last, None)
+  blob = json.dumps(tree, sort_keys=True, default=str)
   return hashlib.sha256(blob.encode()).hexdigest()[:16]

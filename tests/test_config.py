@@ -83,3 +83,14 @@ def test_fingerprint_tracks_only_named_sections():
   assert config_lib.fingerprint(a, 'data', 'spectrogram') == config_lib.fingerprint(b, 'data', 'spectrogram')
   b.spectrogram.hop = 32
   assert config_lib.fingerprint(a, 'data', 'spectrogram') != config_lib.fingerprint(b, 'data', 'spectrogram')
+
+
+def test_fingerprint_exclude_ignores_only_the_named_field():
+  a, b = load_config('tiny'), load_config('tiny')
+  b.data.prepare_workers = 7
+  assert config_lib.fingerprint(a, 'data') != config_lib.fingerprint(b, 'data')
+  assert (config_lib.fingerprint(a, 'data', exclude=('data.prepare_workers',))
+          == config_lib.fingerprint(b, 'data', exclude=('data.prepare_workers',)))
+  b.data.max_files = 3
+  assert (config_lib.fingerprint(a, 'data', exclude=('data.prepare_workers',))
+          != config_lib.fingerprint(b, 'data', exclude=('data.prepare_workers',)))

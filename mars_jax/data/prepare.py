@@ -41,8 +41,13 @@ def manifest_path(workdir):
   return os.path.join(data_dir(workdir), 'manifest.json')
 
 
+# Fields that change how fast prepare runs or how audio is decoded later, not what it writes.
+_NOT_CONTENT = ('data.prepare_workers', 'data.loader_workers', 'spectrogram.griffin_lim_iters',
+                'spectrogram.griffin_lim_momentum')
+
+
 def config_hash(config) -> str:
-  return fingerprint(config, 'seed', 'data', 'spectrogram')
+  return fingerprint(config, 'seed', 'data', 'spectrogram', exclude=_NOT_CONTENT)
 
 
 def load_manifest(workdir):

@@ -34,7 +34,8 @@ def write_shard(path: str, records) -> int:
   """Writes `records` (bytes) to `path` atomically: a temp file renamed when complete."""
   from array_record.python.array_record_module import ArrayRecordWriter
   tmp = f'{path}.tmp-{os.getpid()}'
-  writer = ArrayRecordWriter(tmp, 'group_size:1')
+  # snappy: ~5x cheaper to write and 3x to read than the zstd default, for ~1.4x the bytes.
+  writer = ArrayRecordWriter(tmp, 'group_size:1,snappy')
   count = 0
   for r in records:
     writer.write(r)
