@@ -40,7 +40,11 @@ def stft(x, n_fft, hop):
   xpad = xp.pad(x.astype(xp.float32), pad)
   frames = xpad[..., frame_indices(x.shape[-1], n_fft, hop)]  # (..., T+1, n_fft)
   win = hann(n_fft, xp)
-  spec = xp.fft.rfft(frames * win, axis=-1)
+  if xp is np:  # scipy's float32 rfft is ~3x faster than numpy's (prepare's hot spot)
+    import scipy.fft
+    spec = scipy.fft.rfft(frames * win, axis=-1)
+  else:
+    spec = xp.fft.rfft(frames * win, axis=-1)
   return spec * (4.0 / n_fft)
 
 
