@@ -1,0 +1,469 @@
+"""ONE training loop for every model: the model stages describe a `Task`, the engine does the rest.
+
+The engine owns the mesh, sharded init, the optimizer, the jitted step, checkpoints (state +
+data-iterator position), preemption, NaN detection, evaluation and logging; it never knows which
+model it trains.
+
+Mixed precision: parameters (and optimizer state, EMA) are always kept in float32 ("master
+weights"). With `<stage>.train.compute_dtype='bfloat16'` the step casts every float32 parameter to
+bfloat16 *inside* the differentiated function, so the forward/backward run in bf16 (and FSDP
+all-gathers move bf16), while the gradient arrives back in float32 through the cast and the
+update is applied to the float32 copy. A Task that wants finer control (e.g. keep a VQ codebook
+in fp32) sets `cast_params=False` and reads `compute_dtype` from the config itself (Flax
+`dtype=bf16, param_dtype=fp32`). The loss is always reduced in float32.
+
+Failure surfaces (for the CLI):
+  * SIGTERM -> the loop saves at the current step, waits for the write and raises `Preempted`
+    (the CLI should exit 143 = 128+SIGTERM so a scheduler requeues; a rerun resumes).
+  * non-finite loss / grad norm at step j -> `NonFiniteLoss` naming j and the last good
+    checkpoint; the bad update is not applied and nothing is saved after it.
+  * bad mesh/batch config -> `mars_jax.config.ConfigError` before anything compiles.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+import signal
+import threading
+import time
+import zlib
+from typing import Any, Callable, Optional
+
+import flax.linen as nn
+import flax.struct
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from absl import logging
+
+from mars_jax.config import ConfigError, validate_batch
+from mars_jax.train import checkpoint as ckpt
+from mars_jax.train import logging as tlog
+from mars_jax.train.partitioning import (abstract_batch, logical_rules, make_mesh, put_batch,
+                                         replicated, shardings_of, unbox)
+
+
+@dataclasses.dataclass(frozen=True)
+class Task:
+  """What a model stage hands the engine. Every callable is pure JAX and is traced under jit.
+
+  init(rng, batch) -> params; leaves may be nn.Partitioned logical boxes (they set shardings).
+  loss(params, batch, rng, step) -> (loss scalar, {name: scalar}) or (loss, metrics, aux);
+    `aux` (any pytree) is handed to after_step.
+  init_extra(rng, params) -> extra_state: non-gradient state (may hold boxes), e.g. VQ usage counts.
+  after_step(params, extra_state, aux, rng) -> (params, extra_state): a non-gradient update run
+    inside the jitted step after the optimizer (e.g. re-seeding dead codes).
+  eval_fn(params, batch) -> {name: scalar}: jitted; averaged over the held-out batches.
+  on_eval(params, step, stage_dir): python callback at every eval (images, audio); runs on every
+    process with the global (sharded) params, so it may gather; write files from process 0 only.
+  decay_mask(params) -> bool tree: weight decay where True (default: leaves with ndim >= 2).
+  trainable(params) -> bool tree: False leaves are frozen (zero update; default all trainable).
+  cast_params: with compute_dtype='bfloat16', cast float32 params to bf16 inside the step.
+  """
+  init: Callable[..., Any]
+  loss: Callable[..., Any]
+  init_extra: Optional[Callable[..., Any]] = None
+  after_step: Optional[Callable[..., Any]] = None
+  eval_fn: Optional[Callable[..., Any]] = None
+  on_eval: Optional[Callable[..., Any]] = None
+  decay_mask: Optional[Callable[..., Any]] = None
+  trainable: Optional[Callable[..., Any]] = None
+  cast_params: bool = True
+
+
+@flax.struct.dataclass
+class TrainState:
+  step: jax.Array            # () int32: updates applied so far
+  params: Any                # float32 master weights
+  opt_state: Any
+  ema_params: Any            # same tree as params, or None (ema_decay == 0)
+  extra_state: Any           # Task.init_extra(...) or None
+  rng: jax.Array             # (2,) uint32 base key; step keys are fold_in(rng, step)
+
+
+class Preempted(Exception):
+  """SIGTERM arrived; the state at `step` was saved to `path`. Rerun to resume."""
+
+  def __init__(self, stage, step, path):
+    super().__init__(f'{stage}: preempted (SIGTERM); saved step {step} to {path}; '
+                     f'rerun the same command to resume.')
+    self.stage, self.step, self.path = stage, step, path
+
+
+class NonFiniteLoss(FloatingPointError):
+  """The loss (or gradient norm) became NaN/Inf; nothing after the last good checkpoint is kept."""
+
+  def __init__(self, stage, step, value, last_step, path):
+    where = (f'last good checkpoint: step {last_step} in {path}' if last_step is not None
+             else f'no checkpoint was saved yet ({path})')
+    super().__init__(
+        f'{stage}: non-finite loss/grad ({value}) at step {step}; training stopped without '
+        f'saving. {where}. Lower {stage}.train.lr or raise warmup_steps/clip_norm, then rerun '
+        f'(it resumes from that checkpoint).')
+    self.stage, self.step, self.last_step, self.path = stage, step, last_step, path
+
+
+# --- optimizer ---------------------------------------------------------------------------------
+
+
+def _default_decay_mask(params):
+  return jax.tree.map(lambda x: jnp.ndim(x) >= 2, params)
+
+
+def make_optimizer(tc, task: Task):
+  """AdamW (decoupled decay on matrices) with linear warmup + cosine decay, global-norm clipping."""
+  warmup = max(0, min(int(tc.warmup_steps), int(tc.steps) - 1))
+  schedule = optax.warmup_cosine_decay_schedule(
+      init_value=0.0, peak_value=tc.lr, warmup_steps=warmup,
+      decay_steps=max(int(tc.steps), warmup + 1), end_value=tc.lr * tc.end_lr_fraction)
+  parts = []
+  if tc.clip_norm and tc.clip_norm > 0:
+    parts.append(optax.clip_by_global_norm(tc.clip_norm))
+  parts.append(optax.adamw(schedule, b1=tc.b1, b2=tc.b2, weight_decay=tc.weight_decay,
+                           mask=task.decay_mask or _default_decay_mask))
+  tx = optax.chain(*parts)
+  if task.trainable is not None:
+    labels = lambda p: jax.tree.map(lambda t: 'train' if t else 'frozen', task.trainable(p))
+    tx = optax.multi_transform({'train': tx, 'frozen': optax.set_to_zero()}, labels)
+  return tx, schedule
+
+
+# --- state construction ------------------------------------------------------------------------
+
+
+def _base_rng(config, stage):
+  """Per-stage key: the same seed gives different streams to different stages."""
+  return jax.random.fold_in(jax.random.PRNGKey(config.seed), zlib.crc32(stage.encode()) & 0x7FFFFFFF)
+
+
+def _cast_fn(dtype):
+  if dtype == jnp.float32:
+    return lambda tree: tree
+  return lambda tree: jax.tree.map(lambda x: x.astype(dtype) if x.dtype == jnp.float32 else x, tree)
+
+
+def _boxed_init(task, rng, batch):
+  """params (and extra state) possibly holding logical boxes; keys split the same way always."""
+  init_rng, extra_rng = jax.random.split(jax.random.fold_in(rng, 0x1A17))
+  params = task.init(init_rng, batch)
+  extra = None
+  if task.init_extra is not None:
+    extra = task.init_extra(extra_rng, unbox(params))
+  return params, extra
+
+
+def _like_params(tree, params, p_shard, default):
+  """Shardings for an optimizer state: a leaf whose key path ends with a param's path and has its
+  shape (mu, nu, ... inside any chain / masked / multi_transform state) shards like that param;
+  everything else (counters, scalars) gets `default`. (optax.tree_map_params trips on masks.)"""
+  table = {}
+  for (path, x), sh in zip(jax.tree_util.tree_flatten_with_path(params)[0],
+                           jax.tree.leaves(p_shard)):
+    table[tuple(path)] = (tuple(x.shape), sh)
+
+  def one(path, leaf):
+    path = tuple(path)
+    for i in range(len(path)):
+      hit = table.get(path[i:])
+      if hit is not None and hit[0] == tuple(leaf.shape):
+        return hit[1]
+    return default
+  return jax.tree_util.tree_map_with_path(one, tree)
+
+
+def state_shardings(task, tx, tc, mesh, rules, rng, batch_abs):
+  """(abstract TrainState, TrainState of NamedShardings), traced without allocating anything."""
+  boxed_params, boxed_extra = jax.eval_shape(lambda r, b: _boxed_init(task, r, b), rng, batch_abs)
+  p_shard = shardings_of(boxed_params, mesh, rules)
+  params = unbox(boxed_params)
+  e_shard = None if boxed_extra is None else shardings_of(boxed_extra, mesh, rules)
+  extra = None if boxed_extra is None else unbox(boxed_extra)
+  opt = jax.eval_shape(tx.init, params)
+  rep = replicated(mesh)
+  o_shard = _like_params(opt, params, p_shard, rep)
+  ema = tc.ema_decay > 0
+  abstract = TrainState(step=jax.ShapeDtypeStruct((), jnp.int32), params=params, opt_state=opt,
+                        ema_params=params if ema else None, extra_state=extra,
+                        rng=jax.ShapeDtypeStruct(rng.shape, rng.dtype))
+  shard = TrainState(step=rep, params=p_shard, opt_state=o_shard,
+                     ema_params=p_shard if ema else None, extra_state=e_shard, rng=rep)
+  return abstract, shard
+
+
+def abstract_params(task, config, mesh, local_batch):
+  """ShapeDtypeStructs (with shardings on `mesh`) of task's params: the target of restore_params.
+
+  A later stage loading a frozen model (e.g. the autoregressor loading the tokenizer):
+    target = engine.abstract_params(tok_task, config, mesh, sample_batch)
+    params = checkpoint.restore_params(f'{workdir}/tokenizer/checkpoints', target)
+  """
+  rules = logical_rules(config)
+  batch_abs = abstract_batch(local_batch, mesh)
+  rng = jax.random.PRNGKey(0)
+  with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+    boxed, _ = jax.eval_shape(lambda r, b: _boxed_init(task, r, b), rng, batch_abs)
+    shard = shardings_of(boxed, mesh, rules)
+  return ckpt.abstract_with_shardings(unbox(boxed), shard)
+
+
+def _init_fn(task, tx, tc, rng):
+  def init(batch):
+    boxed, extra = _boxed_init(task, rng, batch)
+    params = unbox(boxed)
+    return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
+                      ema_params=params if tc.ema_decay > 0 else None,
+                      extra_state=None if extra is None else unbox(extra), rng=rng)
+  return init
+
+
+def _unpack_loss(out):
+  if not isinstance(out, (tuple, list)) or len(out) not in (2, 3):
+    raise TypeError('Task.loss must return (loss, metrics) or (loss, metrics, aux).')
+  return out[0], out[1], (out[2] if len(out) == 3 else None)
+
+
+def _step_fn(task, tx, schedule, tc):
+  cast = _cast_fn(jnp.bfloat16 if tc.compute_dtype == 'bfloat16' else jnp.float32)
+  if not task.cast_params:
+    cast = lambda tree: tree
+  decay = float(tc.ema_decay)
+
+  def step(state: TrainState, batch):
+    key = jax.random.fold_in(state.rng, state.step)
+    loss_rng, after_rng = jax.random.split(key)
+
+    def loss_fn(params):
+      loss, metrics, aux = _unpack_loss(task.loss(cast(params), batch, loss_rng, state.step))
+      return jnp.asarray(loss, jnp.float32), (metrics, aux)
+
+    (loss, (metrics, aux)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+    grad_norm = optax.tree.norm(grads)
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    extra = state.extra_state
+    if task.after_step is not None:
+      params, extra = task.after_step(params, extra, aux, after_rng)
+    ema = state.ema_params
+    if ema is not None:
+      ema = jax.tree.map(lambda e, p: e * decay + (1.0 - decay) * p.astype(e.dtype), ema, params)
+    new = state.replace(step=state.step + 1, params=params, opt_state=opt_state, ema_params=ema,
+                        extra_state=extra)
+    # A non-finite step is not applied: the state in memory (and any later save) stays good.
+    ok = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+    new = jax.tree.map(lambda n, o: jnp.where(ok, n, o), new, state)
+    out = {k: jnp.mean(jnp.asarray(v, jnp.float32)) for k, v in metrics.items()}
+    out.update(loss=loss, grad_norm=grad_norm, lr=schedule(state.step))
+    return new, out
+
+  return step
+
+
+# --- preemption --------------------------------------------------------------------------------
+
+
+class _SigtermFlag:
+  """SIGTERM only sets a flag; the loop saves at a step boundary (signal-safe, no torn state)."""
+
+  def __init__(self):
+    self.flag = False
+    self._prev = None
+    self._installed = False
+
+  def __enter__(self):
+    if threading.current_thread() is threading.main_thread():
+      self._prev = signal.signal(signal.SIGTERM, self._handle)
+      self._installed = True
+    else:
+      logging.warning('engine: not the main thread; SIGTERM will not trigger a preemption save.')
+    return self
+
+  def _handle(self, signum, frame):
+    del signum, frame
+    self.flag = True
+
+  def __exit__(self, *exc):
+    if self._installed:
+      signal.signal(signal.SIGTERM, self._prev if self._prev is not None else signal.SIG_DFL)
+
+  def any_process(self) -> bool:
+    """All processes must save the same step: agree on the flag (one tiny all-gather)."""
+    if jax.process_count() == 1:
+      return self.flag
+    from jax.experimental import multihost_utils
+    return bool(np.any(multihost_utils.process_allgather(np.int32(self.flag))))
+
+
+# --- the loop ----------------------------------------------------------------------------------
+
+
+def _check_local_batch(local, config, stage):
+  want = config[stage].train.batch_size // jax.process_count()
+  for k, v in local.items():
+    n = np.shape(v)[0] if np.ndim(v) else None
+    if np.asarray(v).dtype.kind in 'biufc' and n != want:
+      raise ConfigError(
+          f'{stage}.train.batch_size={config[stage].train.batch_size} over '
+          f'{jax.process_count()} process(es) needs {want} rows per process, but the data '
+          f'pipeline gave batch[{k!r}] with shape {np.shape(v)}.')
+
+
+def _log_memory(stage, compiled, seconds):
+  mem = None
+  try:
+    mem = compiled.memory_analysis()
+  except Exception:  # not every backend implements it
+    pass
+  if mem is None:
+    logging.info('%s: step compiled in %.1fs (no memory analysis on this backend)', stage, seconds)
+    return
+  mib = lambda n: n / 2**20
+  logging.info('%s: step compiled in %.1fs; per device: args %.1f MiB, outputs %.1f MiB, '
+               'temps %.1f MiB, aliased %.1f MiB, code %.1f MiB', stage, seconds,
+               mib(getattr(mem, 'argument_size_in_bytes', 0)),
+               mib(getattr(mem, 'output_size_in_bytes', 0)),
+               mib(getattr(mem, 'temp_size_in_bytes', 0)),
+               mib(getattr(mem, 'alias_size_in_bytes', 0)),
+               mib(getattr(mem, 'generated_code_size_in_bytes', 0)))
+
+
+def train(task: Task, config, stage: str, stage_dir: str, train_iter_fn: Callable[[], Any],
+          eval_iter_fn: Optional[Callable[[], Any]] = None, *, devices=None) -> TrainState:
+  """Trains `task` for config[stage].train.steps, resuming from stage_dir/checkpoints if present.
+
+  train_iter_fn() -> an endless iterator of per-process numpy dict batches with get_state() /
+    set_state() (a grain DatasetIterator); its position is checkpointed with the state.
+  eval_iter_fn() -> a fresh finite iterable of per-process batches (held-out data), or None.
+  devices: the mesh's devices (default all); tests pass a subset.
+  Returns the final TrainState (global, sharded arrays). Raises Preempted / NonFiniteLoss /
+  ConfigError as described in the module docstring.
+  """
+  tc = config[stage].train
+  devices = list(jax.devices() if devices is None else devices)
+  validate_batch(config, stage, len(devices), jax.process_count())   # before any compile
+  mesh = make_mesh(config, devices)
+  rules = logical_rules(config)
+  directory = ckpt.ckpt_dir(stage_dir)
+
+  it = train_iter_fn()
+  if not hasattr(it, 'get_state'):   # a grain IterDataset: take its (checkpointable) iterator
+    it = iter(it)
+  pos = it.get_state()
+  sample = next(it)                  # shapes only; the iterator is rewound below
+  it.set_state(pos)
+  _check_local_batch(sample, config, stage)
+  batch_abs = abstract_batch(sample, mesh)
+
+  tx, schedule = make_optimizer(tc, task)
+  rng = _base_rng(config, stage)
+  mngr = ckpt.manager(directory, keep=tc.keep_checkpoints)
+  logger = None
+  try:
+    with jax.set_mesh(mesh), nn.logical_axis_rules(rules), _SigtermFlag() as sigterm:
+      abstract, shard = state_shardings(task, tx, tc, mesh, rules, rng, batch_abs)
+      target = ckpt.abstract_with_shardings(abstract, shard)
+      latest = mngr.latest_step()
+      if latest is not None:
+        logging.info('%s: resuming from step %d (%s)', stage, latest, directory)
+        state = ckpt.restore(mngr, latest, target, it)
+      else:
+        init = jax.jit(_init_fn(task, tx, tc, rng), out_shardings=shard)
+        state = init(put_batch(sample, mesh))        # created already sharded
+      start = int(jax.device_get(state.step))
+      if start >= tc.steps:
+        logging.info('%s: already trained (%d >= %d steps)', stage, start, tc.steps)
+        return state
+
+      t0 = time.time()
+      batch_shard = {k: v.sharding for k, v in batch_abs.items()}
+      step_jit = jax.jit(_step_fn(task, tx, schedule, tc), in_shardings=(shard, batch_shard),
+                         out_shardings=(shard, replicated(mesh)), donate_argnums=0)
+      compiled = step_jit.lower(target, batch_abs).compile()
+      _log_memory(stage, compiled, time.time() - t0)
+
+      eval_jit = None
+      if task.eval_fn is not None and eval_iter_fn is not None:
+        cast = _cast_fn(jnp.bfloat16 if tc.compute_dtype == 'bfloat16' and task.cast_params
+                        else jnp.float32)
+        eval_jit = jax.jit(lambda p, b: {k: jnp.mean(jnp.asarray(v, jnp.float32))
+                                         for k, v in task.eval_fn(cast(p), b).items()},
+                           out_shardings=replicated(mesh))
+
+      logger = tlog.MetricsLogger(stage_dir, stage, tc.steps, start_step=start,
+                                  enabled=jax.process_index() == 0)
+      last_saved = latest
+
+      def check(step_no, metrics, window):
+        host = jax.device_get(metrics)
+        bad = [k for k in ('loss', 'grad_norm') if not math.isfinite(float(host[k]))]
+        if bad:
+          mngr.wait_until_finished()
+          raise NonFiniteLoss(stage, step_no, {k: float(host[k]) for k in bad},
+                              mngr.latest_step(), directory)
+        window.append(host)
+
+      def evaluate(step_no):
+        params = state.ema_params if state.ema_params is not None else state.params
+        out = {}
+        if eval_jit is not None:
+          sums, n = None, 0
+          for local in eval_iter_fn():
+            m = eval_jit(params, put_batch(local, mesh))
+            sums = m if sums is None else jax.tree.map(jnp.add, sums, m)
+            n += 1
+          if n:
+            out = {f'eval/{k}': float(v) / n for k, v in jax.device_get(sums).items()}
+        if task.on_eval is not None:
+          task.on_eval(params, step_no, stage_dir)
+        return out
+
+      window, pending = [], None
+      t_win, s_win = time.time(), start
+      for step_no in range(start, tc.steps):
+        if sigterm.any_process():
+          if pending is not None:
+            check(*pending, window)
+          if last_saved != step_no:
+            ckpt.save(mngr, step_no, state, it)
+          mngr.wait_until_finished()
+          raise Preempted(stage, step_no, directory)
+        batch = put_batch(next(it), mesh)
+        state, metrics = compiled(state, batch)
+        if pending is not None:          # check step n-1 while step n runs: no pipeline stall
+          check(*pending, window)
+        pending = (step_no, metrics)
+        done = step_no + 1
+        last = done == tc.steps
+        do_ckpt = done % tc.checkpoint_every == 0 or last
+        do_eval = (eval_jit is not None or task.on_eval is not None) and (
+            done % tc.eval_every == 0 or last)
+        do_log = done % tc.log_every == 0 or last or do_eval
+        if not (do_ckpt or do_eval or do_log):
+          continue
+        check(*pending, window)           # everything saved or logged was verified finite
+        pending = None
+        if do_ckpt:
+          ckpt.save(mngr, done, state, it)
+          last_saved = done
+        record = {}
+        if do_log:
+          now = time.time()
+          sps = (done - s_win) / max(now - t_win, 1e-9)
+          keys = window[-1].keys()
+          record = {k: float(np.mean([w[k] for w in window])) for k in keys}
+          record['lr'] = float(window[-1]['lr'])
+          record['steps_per_sec'] = sps
+          t_win, s_win, window = now, done, []
+        if do_eval:
+          record.update(evaluate(done))
+          t_win = time.time()             # eval time is not training throughput
+        if do_log:
+          logger.write(done, record)
+          logger.progress(done, record['loss'], record['steps_per_sec'])
+      mngr.wait_until_finished()
+      return state
+  finally:
+    mngr.wait_until_finished()
+    mngr.close()
+    if logger is not None:
+      logger.close()
