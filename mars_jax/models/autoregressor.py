@@ -1,0 +1,289 @@
+"""VAR scale autoregressor: an AdaLN transformer that predicts all tokens of scale k at once.
+
+Sequence layout: the token maps of all scales, coarse to fine, each flattened row-major,
+concatenated into L = sum(p_k^2) positions. The first scale's positions hold the start token
+(the condition); scale k > 0 holds the teacher-forcing input for scale k, i.e. the cumulative
+f_hat of scales < k resized to p_k x p_k (supplied by the tokenizer, never computed here).
+Attention is block-causal: full inside a scale, causal across scales.
+
+Two entry points share one set of parameters:
+  * `__call__`  -- the whole sequence at once (training, reference sampling);
+  * `decode`    -- one scale against a KV cache of static shape (B, heads, L, head_dim) per layer,
+                   so the sampler is a single jit with a Python loop over the K scales.
+Layers are stacked with `nn.scan` (one compiled block however deep the model), so every
+block parameter and the cache carry a leading layer axis (logical name None: never sharded).
+"""
+from __future__ import annotations
+
+import math
+from typing import Any, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+Dtype = Any
+
+ACT = ('batch', None, 'embed')          # (B, L, C) activations at block boundaries
+_LN_EPS = 1e-6
+_MAX_LOG_SCALE = math.log(100.0)        # VAR clamps the learned attention temperature here
+
+
+def _p(init, names):
+  return nn.with_logical_partitioning(init, names)
+
+
+def _constrain(x, names=ACT):
+  return nn.with_logical_constraint(x, names)
+
+
+def scale_bounds(scales: Sequence[int]) -> tuple:
+  """(start, end) token offsets of every scale in the flattened sequence."""
+  out, s = [], 0
+  for p in scales:
+    out.append((s, s + p * p))
+    s += p * p
+  return tuple(out)
+
+
+def level_index(scales: Sequence[int]) -> np.ndarray:
+  """Scale index of every position, (L,) int32."""
+  return np.concatenate([np.full(p * p, k, np.int32) for k, p in enumerate(scales)])
+
+
+def block_causal_mask(scales: Sequence[int]) -> np.ndarray:
+  """(L, L) bool: query i may attend key j iff scale(j) <= scale(i)."""
+  lvl = level_index(scales)
+  return lvl[None, :] <= lvl[:, None]
+
+
+def _layer_norm(x):
+  """LayerNorm without affine parameters (AdaLN supplies scale and shift), in float32."""
+  x32 = x.astype(jnp.float32)
+  mu = jnp.mean(x32, -1, keepdims=True)
+  var = jnp.mean(jnp.square(x32 - mu), -1, keepdims=True)
+  return ((x32 - mu) * jax.lax.rsqrt(var + _LN_EPS)).astype(x.dtype)
+
+
+def _l2_normalize(x):
+  x32 = x.astype(jnp.float32)
+  return (x32 * jax.lax.rsqrt(jnp.maximum(jnp.sum(x32 * x32, -1, keepdims=True), 1e-12)))
+
+
+def _ada_init(std, width, gate_chunks, gate_mult=1e-5, other_mult=0.5):
+  """AdaLN projection init: gates (the first `gate_chunks` chunks) start ~0 so every residual
+  branch starts near identity (VAR: init_adaln_gamma=1e-5); scales/shifts small (init_adaln=0.5)."""
+  def init(key, shape, dtype=jnp.float32):
+    w = jax.random.truncated_normal(key, -2.0, 2.0, shape, dtype) * std
+    mult = jnp.concatenate([jnp.full((gate_chunks * width,), gate_mult, dtype),
+                            jnp.full((shape[-1] - gate_chunks * width,), other_mult, dtype)])
+    return w * mult
+  return init
+
+
+class Attention(nn.Module):
+  """Self-attention with L2-normalised q/k and a learned per-head temperature (VAR attn_l2_norm)."""
+  width: int
+  heads: int
+  depth: int
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x, cache, mask, offset):
+    # x (B, n, C); mask broadcastable to (n, L_keys); cache None or {'k','v'}: (B, H, L, hd).
+    h, hd = self.heads, self.width // self.heads
+    std = math.sqrt(1.0 / (3 * self.width))
+    # Explicit params, not DenseGeneral: its flat-then-reshape init trips the logical constraint
+    # under a mesh (flax applies the 4-d names to the 2-d flat kernel).
+    w_qkv = self.param('qkv', _p(nn.initializers.truncated_normal(std),
+                                 ('embed', None, 'heads', None)), (self.width, 3, h, hd))
+    qkv = jnp.einsum('bnc,cthd->bnthd', x.astype(self.dtype),
+                     w_qkv.astype(self.dtype))                       # (B, n, 3, H, hd)
+    q_bias = self.param('q_bias', _p(nn.initializers.zeros, ('heads', None)), (h, hd))
+    v_bias = self.param('v_bias', _p(nn.initializers.zeros, ('heads', None)), (h, hd))
+    log_scale = self.param('log_scale', _p(nn.initializers.constant(math.log(4.0)), ('heads',)),
+                           (h,))
+    scale = jnp.exp(jnp.minimum(log_scale, _MAX_LOG_SCALE))          # (H,)
+    q = _l2_normalize(qkv[:, :, 0] + q_bias) * scale[:, None]       # (B, n, H, hd) f32
+    k = _l2_normalize(qkv[:, :, 1])
+    v = qkv[:, :, 2] + v_bias.astype(qkv.dtype)
+    q, k, v = (jnp.swapaxes(t, 1, 2) for t in (q, k, v))              # (B, H, n, hd)
+    q = nn.with_logical_constraint(q, ('batch', 'heads', None, None))
+    if cache is not None:
+      # Write this scale's keys/values at its offset; later reads see every filled position.
+      k = jax.lax.dynamic_update_slice(cache['k'], k.astype(cache['k'].dtype), (0, 0, offset, 0))
+      v = jax.lax.dynamic_update_slice(cache['v'], v.astype(cache['v'].dtype), (0, 0, offset, 0))
+      k = nn.with_logical_constraint(k, ('batch', 'heads', None, None))
+      v = nn.with_logical_constraint(v, ('batch', 'heads', None, None))
+      cache = {'k': k, 'v': v}
+    s = jnp.einsum('bhqd,bhkd->bhqk', q.astype(self.dtype), k.astype(self.dtype),
+                   preferred_element_type=jnp.float32)               # (B, H, n, L)
+    s = jnp.where(mask, s, -jnp.inf)      # masked keys get weight exactly 0
+    w = jax.nn.softmax(s, axis=-1)
+    o = jnp.einsum('bhqk,bhkd->bhqd', w.astype(self.dtype), v.astype(self.dtype))
+    o = jnp.swapaxes(o, 1, 2)                                         # (B, n, H, hd)
+    proj_init = nn.initializers.truncated_normal(std / math.sqrt(2 * self.depth))
+    w_proj = self.param('proj', _p(proj_init, ('heads', None, 'embed')), (h, hd, self.width))
+    b_proj = self.param('proj_bias', _p(nn.initializers.zeros, ('embed',)), (self.width,))
+    out = jnp.einsum('bnhd,hdc->bnc', o, w_proj.astype(self.dtype)) + b_proj.astype(self.dtype)
+    return out, cache
+
+
+class Block(nn.Module):
+  """AdaLN transformer block: x += g1*attn(LN(x)(1+s1)+b1); x += g2*mlp(LN(x)(1+s2)+b2)."""
+  width: int
+  heads: int
+  depth: int
+  mlp_ratio: float = 4.0
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x, cache, cond, mask, offset):
+    # x (B, n, C) carry; cache per-layer slice; cond (B, C); mask (n, L) or broadcastable.
+    c = self.width
+    std = math.sqrt(1.0 / (3 * c))
+    ada = nn.Dense(6 * c, dtype=self.dtype, name='ada',
+                   kernel_init=_p(_ada_init(std, c, gate_chunks=2), ('embed', 'mlp')),
+                   bias_init=_p(nn.initializers.zeros, ('mlp',)))(nn.silu(cond))
+    ada = ada.reshape(ada.shape[0], 1, 6, c)                          # (B, 1, 6, C)
+    g1, g2, s1, s2, b1, b2 = (ada[:, :, i] for i in range(6))         # each (B, 1, C)
+
+    h = _layer_norm(x) * (1 + s1) + b1
+    h, cache = Attention(c, self.heads, self.depth, self.dtype, name='attn')(h, cache, mask, offset)
+    x = _constrain(x + h * g1)
+
+    hidden = int(round(c * self.mlp_ratio))
+    h = _layer_norm(x) * (1 + s2) + b2
+    h = nn.Dense(hidden, dtype=self.dtype, name='fc1',
+                 kernel_init=_p(nn.initializers.truncated_normal(std), ('embed', 'mlp')),
+                 bias_init=_p(nn.initializers.zeros, ('mlp',)))(h)
+    h = nn.with_logical_constraint(nn.gelu(h, approximate=True), ('batch', None, 'mlp'))
+    h = nn.Dense(c, dtype=self.dtype, name='fc2',
+                 kernel_init=_p(nn.initializers.truncated_normal(std / math.sqrt(2 * self.depth)),
+                                ('mlp', 'embed')),
+                 bias_init=_p(nn.initializers.zeros, ('embed',)))(h)
+    x = _constrain(x + h * g2)
+    return x, cache
+
+
+class VAR(nn.Module):
+  """Next-scale prediction transformer conditioned on (pitch, instrument).
+
+  Condition ids: pitch in [0, num_pitches) (i.e. MIDI - pitch_lo), instrument in
+  [0, num_instruments); id num_pitches / num_instruments is NULL (classifier-free guidance).
+  """
+  vocab_size: int
+  code_dim: int
+  scales: Sequence[int]
+  num_pitches: int
+  num_instruments: int
+  depth: int = 16
+  width: int = 1024
+  heads: int = 16
+  mlp_ratio: float = 4.0
+  label_dropout: float = 0.1
+  dtype: Dtype = jnp.float32
+
+  @property
+  def num_tokens(self) -> int:
+    return sum(p * p for p in self.scales)
+
+  @property
+  def head_dim(self) -> int:
+    return self.width // self.heads
+
+  def setup(self):
+    c = self.width
+    std = math.sqrt(1.0 / (3 * c))
+    tn = nn.initializers.truncated_normal(std)
+    first = self.scales[0] ** 2
+    self.pitch_embed = self.param('pitch_embed', _p(tn, (None, 'embed')), (self.num_pitches + 1, c))
+    self.inst_embed = self.param('inst_embed', _p(tn, (None, 'embed')),
+                                 (self.num_instruments + 1, c))
+    self.pos_start = self.param('pos_start', _p(tn, (None, 'embed')), (first, c))
+    self.pos_embed = self.param('pos_embed', _p(tn, (None, 'embed')), (self.num_tokens, c))
+    self.level_embed = self.param('level_embed', _p(tn, (None, 'embed')), (len(self.scales), c))
+    self.word_embed = nn.Dense(c, dtype=self.dtype,
+                               kernel_init=_p(tn, (None, 'embed')),
+                               bias_init=_p(nn.initializers.zeros, ('embed',)))
+    self.blocks = nn.scan(
+        Block,
+        variable_axes={'params': 0},
+        split_rngs={'params': True},
+        in_axes=(0, nn.broadcast, nn.broadcast, nn.broadcast),
+        length=self.depth,
+        metadata_params={nn.PARTITION_NAME: None},
+    )(c, self.heads, self.depth, self.mlp_ratio, self.dtype)
+    self.head_ada = nn.Dense(2 * c, dtype=self.dtype,
+                             kernel_init=_p(_ada_init(std, c, gate_chunks=0), ('embed', 'mlp')),
+                             bias_init=_p(nn.initializers.zeros, ('mlp',)))
+    self.head = nn.Dense(self.vocab_size, dtype=self.dtype,
+                         kernel_init=_p(nn.initializers.truncated_normal(0.02 * std),
+                                        ('embed', 'vocab')),
+                         bias_init=_p(nn.initializers.zeros, ('vocab',)))
+
+  def condition(self, pitch, inst, train: bool = False):
+    """(B,) ids -> (B, C) condition; in training both ids become NULL with p=label_dropout."""
+    if train and self.label_dropout > 0:
+      drop = jax.random.bernoulli(self.make_rng('dropout'), self.label_dropout, pitch.shape)
+      pitch = jnp.where(drop, self.num_pitches, pitch)
+      inst = jnp.where(drop, self.num_instruments, inst)
+    cond = jnp.take(self.pitch_embed, pitch, axis=0) + jnp.take(self.inst_embed, inst, axis=0)
+    return cond.astype(self.dtype)                                    # (B, C)
+
+  def _head(self, x, cond):
+    ada = self.head_ada(nn.silu(cond))
+    ada = ada.reshape(ada.shape[0], 1, 2, self.width)                 # (B, 1, 2, C)
+    h = _layer_norm(x) * (1 + ada[:, :, 0]) + ada[:, :, 1]
+    logits = self.head(h).astype(jnp.float32)                         # (B, n, V)
+    return nn.with_logical_constraint(logits, ('batch', None, 'vocab'))
+
+  def _start(self, cond):
+    return cond[:, None, :] + self.pos_start.astype(self.dtype)       # (B, p_0^2, C)
+
+  def __call__(self, pitch, inst, teacher_inputs, train: bool = False):
+    """Logits for every position: (B,), (B,), (B, L - p_0^2, code_dim) -> (B, L, V) float32."""
+    cond = self.condition(pitch, inst, train)
+    x = jnp.concatenate([self._start(cond), self.word_embed(teacher_inputs.astype(self.dtype))], 1)
+    lvl = jnp.asarray(level_index(self.scales))
+    x = x + (jnp.take(self.level_embed, lvl, axis=0) + self.pos_embed).astype(self.dtype)
+    x = _constrain(x)                                                 # (B, L, C)
+    mask = jnp.asarray(block_causal_mask(self.scales))                # (L, L)
+    x, _ = self.blocks(x, None, cond, mask, jnp.int32(0))
+    return self._head(x, cond)
+
+  def decode(self, cond, inputs, k: int, cache):
+    """Runs scale k (static) against the KV cache.
+
+    cond: (B, C) from `condition`; inputs: (B, p_k^2, code_dim) teacher input (ignored for
+    k = 0); cache: {'k','v'}: (depth, B, H, L, hd) from `init_cache`. Returns
+    (logits (B, p_k^2, V) float32, updated cache). Keys past the end of scale k are masked,
+    so unfilled cache slots are never read.
+    """
+    start, end = scale_bounds(self.scales)[k]
+    x = self._start(cond) if k == 0 else self.word_embed(inputs.astype(self.dtype))
+    x = x + (self.level_embed[k] + self.pos_embed[start:end]).astype(self.dtype)
+    x = _constrain(x)                                                 # (B, n, C)
+    mask = (jnp.arange(self.num_tokens) < end)[None, :]               # (1, L)
+    x, cache = self.blocks(x, cache, cond, mask, jnp.int32(start))
+    return self._head(x, cond), cache
+
+
+def init_cache(model: VAR, batch_size: int, dtype=None):
+  """Empty KV cache, {'k','v'}: (depth, B, heads, L, head_dim) (layer axis first, as nn.scan)."""
+  shape = (model.depth, batch_size, model.heads, model.num_tokens, model.width // model.heads)
+  dt = dtype or model.dtype
+  return {'k': jnp.zeros(shape, dt), 'v': jnp.zeros(shape, dt)}
+
+
+def from_config(config, shapes, num_instruments: int, dtype=None) -> VAR:
+  """Builds the VAR of `config.autoregressor` for the shapes of `mars_jax.config.derive`."""
+  a = config.autoregressor
+  if dtype is None:
+    dtype = jnp.dtype(a.train.compute_dtype)
+  return VAR(vocab_size=int(config.tokenizer.codebook_size), code_dim=int(shapes.latent[2]),
+             scales=tuple(shapes.scales), num_pitches=int(shapes.num_pitches),
+             num_instruments=int(num_instruments), depth=int(a.depth),
+             width=int(a.width or 64 * a.depth), heads=int(a.heads or a.depth),
+             mlp_ratio=float(a.mlp_ratio), label_dropout=float(a.label_dropout), dtype=dtype)
