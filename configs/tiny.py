@@ -42,4 +42,9 @@ def get_config():
   c.sample.top_p = 1.0
   c.sample.cfg = 1.5
   c.evaluate.ndb_bins = 10
+  c.classifier.widths = (16, 32)
+  c.classifier.train.steps = 150
+  c.classifier.train.batch_size = 32
+  c.classifier.train.checkpoint_every = 150
+  c.classifier.train.eval_every = 150
   return c

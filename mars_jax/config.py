@@ -113,7 +113,7 @@ def derive(config) -> Shapes:
     raise ConfigError(f"data.instrument_label={config.data.instrument_label!r}: "
                       f"use 'family' or 'instrument'.")
 
-  for stage in ('tokenizer', 'autoregressor'):
+  for stage in ('tokenizer', 'autoregressor', 'classifier'):
     tr = config[stage].train
     for field in ('steps', 'batch_size', 'checkpoint_every', 'log_every', 'eval_every'):
       if tr[field] < 1:

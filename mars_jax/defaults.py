@@ -114,8 +114,16 @@ def get_config():
 
   # --- evaluation ---------------------------------------------------------
   c.evaluate = mlc.ConfigDict()
-  c.evaluate.ndb_bins = 50
-  c.evaluate.kid_c = 16.0
+  c.evaluate.ndb_bins = 50           # k of NDB/k
+  c.evaluate.kid_c = 16.0            # inverse multiquadratic kernel constant
+  c.evaluate.alpha = 0.05            # NDB two-proportion z-test level
+  c.evaluate.max_real = 10_000       # real examples used per split (0 = all)
+  c.evaluate.report_grid = 8         # at most this many pitches x instruments in report.html
+
+  # Pitch and instrument classifiers the evaluation trains (their embeddings feed KID/FD).
+  c.classifier = mlc.ConfigDict()
+  c.classifier.widths = (32, 64, 128)
+  c.classifier.train = _train(steps=5_000, batch_size=64, lr=1e-3)
 
   # --- scale-out ----------------------------------------------------------
   c.mesh = mlc.ConfigDict()

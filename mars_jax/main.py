@@ -78,11 +78,25 @@ def run(config, workdir, stages=STAGES, force=False, out=print):
     out(f'[{name}] done in {time.time() - t0:.1f}s')
 
 
+def pipeline_errors():
+  from mars_jax.data import pipeline
+  return pipeline.DataError
+
+
+def _compilation_cache(workdir):
+  """A persistent XLA cache in the workdir: restarts and later stages skip recompiling."""
+  import jax
+  jax.config.update('jax_compilation_cache_dir', os.path.join(os.path.abspath(workdir), '.xla_cache'))
+  jax.config.update('jax_persistent_cache_min_compile_time_secs', 1.0)
+
+
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
   if not _WORKDIR.value:
     raise app.UsageError('--workdir is required (the folder every stage writes into).')
+  logging.set_verbosity(logging.WARNING)  # orbax/grain INFO is noise; progress goes to stdout
+  _compilation_cache(_WORKDIR.value)
   try:
     run(_CONFIG.value, _WORKDIR.value, _STAGES.value, _FORCE.value)
   except config_lib.ConfigError as e:
@@ -91,6 +105,15 @@ def main(argv):
   except StageNotImplemented as e:
     print(f'error: {e}', file=sys.stderr)
     sys.exit(3)
+  except Exception as e:  # the engine's failures carry their own instructions
+    from mars_jax.train import engine
+    if isinstance(e, engine.Preempted):
+      print(str(e), file=sys.stderr)
+      sys.exit(143)  # 128 + SIGTERM: schedulers requeue, a rerun resumes
+    if isinstance(e, (engine.NonFiniteLoss, pipeline_errors())):
+      print(f'error: {e}', file=sys.stderr)
+      sys.exit(1)
+    raise
 
 
 if __name__ == '__main__':

@@ -315,10 +315,10 @@ def _log_memory(stage, compiled, seconds):
   except Exception:  # not every backend implements it
     pass
   if mem is None:
-    logging.info('%s: step compiled in %.1fs (no memory analysis on this backend)', stage, seconds)
+    tlog.say('%s: step compiled in %.1fs (no memory analysis on this backend)', stage, seconds)
     return
   mib = lambda n: n / 2**20
-  logging.info('%s: step compiled in %.1fs; per device: args %.1f MiB, outputs %.1f MiB, '
+  tlog.say('%s: step compiled in %.1fs; per device: args %.1f MiB, outputs %.1f MiB, '
                'temps %.1f MiB, aliased %.1f MiB, code %.1f MiB', stage, seconds,
                mib(getattr(mem, 'argument_size_in_bytes', 0)),
                mib(getattr(mem, 'output_size_in_bytes', 0)),
@@ -364,14 +364,14 @@ def train(task: Task, config, stage: str, stage_dir: str, train_iter_fn: Callabl
       target = ckpt.abstract_with_shardings(abstract, shard)
       latest = mngr.latest_step()
       if latest is not None:
-        logging.info('%s: resuming from step %d (%s)', stage, latest, directory)
+        tlog.say('%s: resuming from step %d (%s)', stage, latest, directory)
         state = ckpt.restore(mngr, latest, target, it)
       else:
         init = jax.jit(_init_fn(task, tx, tc, rng), out_shardings=shard)
         state = init(put_batch(sample, mesh))        # created already sharded
       start = int(jax.device_get(state.step))
       if start >= tc.steps:
-        logging.info('%s: already trained (%d >= %d steps)', stage, start, tc.steps)
+        tlog.say('%s: already trained (%d >= %d steps)', stage, start, tc.steps)
         return state
 
       t0 = time.time()

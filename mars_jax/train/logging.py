@@ -102,6 +102,13 @@ class TensorBoardWriter:
 # --- metrics.jsonl + progress ------------------------------------------------------------------
 
 
+def say(fmt: str, *args):
+  """A user-facing progress line on process 0's stdout (library INFO logs stay quiet)."""
+  import jax
+  if jax.process_index() == 0:
+    print(fmt % args if args else fmt, flush=True)
+
+
 def _is_number(v) -> bool:
   return isinstance(v, (int, float)) and not isinstance(v, bool)
 
@@ -170,7 +177,7 @@ class MetricsLogger:
       return
     eta = (self.total - step) / steps_per_sec if steps_per_sec > 0 else float('inf')
     eta_s = _fmt_time(eta) if math.isfinite(eta) else '?'
-    logging.info('%s step %d/%d loss %.5g %.2f steps/s eta %s%s', self.name, step, self.total,
+    say('%s step %d/%d loss %.5g %.2f steps/s eta %s%s', self.name, step, self.total,
                  loss, steps_per_sec, eta_s, extra)
 
   def close(self):

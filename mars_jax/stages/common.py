@@ -1,0 +1,54 @@
+"""What the training stages share: their folders, config fingerprints and completion markers."""
+import json
+import os
+
+from mars_jax import config as config_lib
+from mars_jax.data import prepare
+
+# Fields that never change what a training stage produces.
+_NOT_CONTENT = prepare._NOT_CONTENT + ('sample', 'evaluate')
+
+
+def stage_fingerprint(config, *sections):
+  return config_lib.fingerprint(config, 'seed', 'data', 'spectrogram', 'cmx', *sections,
+                                exclude=_NOT_CONTENT)
+
+
+def data_dir(workdir):
+  return os.path.join(workdir, 'data')
+
+
+def _marker(stage_dir):
+  return os.path.join(stage_dir, 'fingerprint.json')
+
+
+def claim(stage_dir, fingerprint, stage):
+  """Records which config owns `stage_dir`; refuses to resume checkpoints of another config."""
+  os.makedirs(stage_dir, exist_ok=True)
+  path = _marker(stage_dir)
+  if os.path.exists(path):
+    with open(path) as f:
+      old = json.load(f)
+    if old['fingerprint'] != fingerprint and os.path.isdir(os.path.join(stage_dir, 'checkpoints')):
+      raise config_lib.ConfigError(
+          f'{stage_dir} holds {stage} checkpoints trained with another config '
+          f'(fingerprint {old["fingerprint"]}, now {fingerprint}); use another --workdir, or '
+          f'delete {stage_dir} to retrain.')
+  with open(path, 'w') as f:
+    json.dump({'fingerprint': fingerprint, 'complete': False}, f)
+
+
+def mark_complete(stage_dir, fingerprint, **extra):
+  tmp = _marker(stage_dir) + '.tmp'
+  with open(tmp, 'w') as f:
+    json.dump({'fingerprint': fingerprint, 'complete': True, **extra}, f, indent=2)
+  os.replace(tmp, _marker(stage_dir))
+
+
+def is_complete(stage_dir, fingerprint):
+  try:
+    with open(_marker(stage_dir)) as f:
+      m = json.load(f)
+  except (OSError, ValueError):
+    return False
+  return m.get('complete', False) and m.get('fingerprint') == fingerprint
