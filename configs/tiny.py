@@ -1,6 +1,8 @@
 """Embedded default: the whole pipeline on a 2-core CPU in minutes, on synthetic notes.
 
-8 kHz, 1.024 s notes -> 128 x 128 spectrogram -> CMX r=4 -> 32 x 32 x 16 -> 8 x 8 latent.
+8 kHz, 1.024 s notes -> 128 x 128 spectrogram -> CMX r=8 -> 16 x 16 x 64 -> 8 x 8 latent.
+CMX r=8 (not 4) with one down-sampling: a 32-wide tokenizer step costs 0.24 s on 2 cores
+against 0.95 s for r=4 with two (measured 2026-11-25).
 """
 from mars_jax import defaults
 
@@ -17,9 +19,9 @@ def get_config():
   c.spectrogram.n_fft = 256
   c.spectrogram.hop = 64
   c.spectrogram.griffin_lim_iters = 32
-  c.cmx.factor = 4
+  c.cmx.factor = 8
   c.tokenizer.channels = 32
-  c.tokenizer.channel_mult = (1, 2, 2)
+  c.tokenizer.channel_mult = (1, 2)
   c.tokenizer.num_res_blocks = 1
   c.tokenizer.groups = 8
   c.tokenizer.latent_channels = 16

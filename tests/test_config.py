@@ -6,7 +6,7 @@ from tests.conftest import load_config
 
 
 @pytest.mark.parametrize('name,image,latent,tokens', [
-    ('tiny', (32, 32, 16), (8, 8, 16), 85),
+    ('tiny', (16, 16, 64), (8, 8, 16), 85),
     ('base', (64, 64, 64), (16, 16, 32), 680),
     ('large', (64, 64, 64), (16, 16, 32), 680),
 ])
