@@ -60,6 +60,9 @@ class Task:
   decay_mask(params) -> bool tree: weight decay where True (default: leaves with ndim >= 2).
   trainable(params) -> bool tree: False leaves are frozen (zero update; default all trainable).
   cast_params: with compute_dtype='bfloat16', cast float32 params to bf16 inside the step.
+  frozen: a pytree of (sharded) arrays another stage trained, e.g. the tokenizer under the
+    autoregressor. When set, loss and eval_fn get it as a last argument `frozen`. It is a jit
+    argument, never a baked-in constant, and is neither differentiated nor checkpointed.
   """
   init: Callable[..., Any]
   loss: Callable[..., Any]
@@ -70,6 +73,7 @@ class Task:
   decay_mask: Optional[Callable[..., Any]] = None
   trainable: Optional[Callable[..., Any]] = None
   cast_params: bool = True
+  frozen: Any = None
 
 
 @flax.struct.dataclass
@@ -217,6 +221,13 @@ def _init_fn(task, tx, tc, rng):
   return init
 
 
+def _with_frozen(fn, task):
+  """fn(*args, frozen) when the task has frozen arrays, else fn(*args)."""
+  if task.frozen is None:
+    return lambda *args, frozen: fn(*args)
+  return lambda *args, frozen: fn(*args, frozen)
+
+
 def _unpack_loss(out):
   if not isinstance(out, (tuple, list)) or len(out) not in (2, 3):
     raise TypeError('Task.loss must return (loss, metrics) or (loss, metrics, aux).')
@@ -228,13 +239,15 @@ def _step_fn(task, tx, schedule, tc):
   if not task.cast_params:
     cast = lambda tree: tree
   decay = float(tc.ema_decay)
+  task_loss = _with_frozen(task.loss, task)
 
-  def step(state: TrainState, batch):
+  def step(state: TrainState, batch, frozen):
     key = jax.random.fold_in(state.rng, state.step)
     loss_rng, after_rng = jax.random.split(key)
 
     def loss_fn(params):
-      loss, metrics, aux = _unpack_loss(task.loss(cast(params), batch, loss_rng, state.step))
+      loss, metrics, aux = _unpack_loss(task_loss(cast(params), batch, loss_rng, state.step,
+                                                  frozen=frozen))
       return jnp.asarray(loss, jnp.float32), (metrics, aux)
 
     (loss, (metrics, aux)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
@@ -376,17 +389,21 @@ def train(task: Task, config, stage: str, stage_dir: str, train_iter_fn: Callabl
 
       t0 = time.time()
       batch_shard = {k: v.sharding for k, v in batch_abs.items()}
-      step_jit = jax.jit(_step_fn(task, tx, schedule, tc), in_shardings=(shard, batch_shard),
+      frozen = {} if task.frozen is None else task.frozen
+      frozen_shard = jax.tree.map(lambda a: a.sharding, frozen)
+      step_jit = jax.jit(_step_fn(task, tx, schedule, tc),
+                         in_shardings=(shard, batch_shard, frozen_shard),
                          out_shardings=(shard, replicated(mesh)), donate_argnums=0)
-      compiled = step_jit.lower(target, batch_abs).compile()
+      compiled = step_jit.lower(target, batch_abs, frozen).compile()
       _log_memory(stage, compiled, time.time() - t0)
 
       eval_jit = None
       if task.eval_fn is not None and eval_iter_fn is not None:
         cast = _cast_fn(jnp.bfloat16 if tc.compute_dtype == 'bfloat16' and task.cast_params
                         else jnp.float32)
-        eval_jit = jax.jit(lambda p, b: {k: jnp.mean(jnp.asarray(v, jnp.float32))
-                                         for k, v in task.eval_fn(cast(p), b).items()},
+        task_eval = _with_frozen(task.eval_fn, task)
+        eval_jit = jax.jit(lambda p, b, f: {k: jnp.mean(jnp.asarray(v, jnp.float32))
+                                            for k, v in task_eval(cast(p), b, frozen=f).items()},
                            out_shardings=replicated(mesh))
 
       logger = tlog.MetricsLogger(stage_dir, stage, tc.steps, start_step=start,
@@ -408,7 +425,7 @@ def train(task: Task, config, stage: str, stage_dir: str, train_iter_fn: Callabl
         if eval_jit is not None:
           sums, n = None, 0
           for local in eval_iter_fn():
-            m = eval_jit(params, put_batch(local, mesh))
+            m = eval_jit(params, put_batch(local, mesh), frozen)
             sums = m if sums is None else jax.tree.map(jnp.add, sums, m)
             n += 1
           if n:
@@ -428,7 +445,7 @@ def train(task: Task, config, stage: str, stage_dir: str, train_iter_fn: Callabl
           mngr.wait_until_finished()
           raise Preempted(stage, step_no, directory)
         batch = put_batch(next(it), mesh)
-        state, metrics = compiled(state, batch)
+        state, metrics = compiled(state, batch, frozen)
         if pending is not None:          # check step n-1 while step n runs: no pipeline stall
           check(*pending, window)
         pending = (step_no, metrics)

@@ -1,0 +1,127 @@
+"""`autoregressor` stage: trains the VAR on token maps of the frozen tokenizer.
+
+Tokens and teacher-forcing inputs are computed on the fly inside the jitted step from
+the tokenizer's params, which the engine passes as `frozen` jit arguments. On the tiny
+config this costs one encoder forward a step; precomputed token shards would save it
+at the price of a second dataset format and a re-run whenever the tokenizer changes.
+"""
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from mars_jax import config as config_lib
+from mars_jax.data import pipeline
+from mars_jax.models import autoregressor as ar
+from mars_jax.models.tokenizer import Tokenizer
+from mars_jax.stages import common
+from mars_jax.stages import tokenizer as tok_stage
+from mars_jax.train import checkpoint, engine, partitioning
+
+NAME = 'autoregressor'
+
+
+def num_instruments(config, manifest):
+  return len(manifest['vocab'][config.data.instrument_label])
+
+
+def token_targets(tok_model, tok_params, images):
+  """Frozen tokenizer: images -> (flat tokens (B, L) int32, teacher inputs (B, L - p_0^2, d))."""
+  tokens = tok_model.apply({'params': tok_params}, images, method=Tokenizer.encode_tokens)
+  teacher = tok_model.apply({'params': tok_params}, tokens, method=Tokenizer.idx_to_teacher_inputs)
+  flat = jnp.concatenate([t.reshape(t.shape[0], -1) for t in tokens], axis=1)
+  return flat, jax.lax.stop_gradient(teacher)
+
+
+def _scores(logits, flat, scales):
+  """Cross-entropy per token and accuracy per scale."""
+  logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)            # (B, L, V)
+  nll = -jnp.take_along_axis(logp, flat[..., None], axis=-1)[..., 0]          # (B, L)
+  hit = (jnp.argmax(logits, -1) == flat).astype(jnp.float32)                  # (B, L)
+  per_scale = {f'acc_{k}': hit[:, a:b].mean(1)
+               for k, (a, b) in enumerate(ar.scale_bounds(scales))}
+  return nll, hit, per_scale
+
+
+def make_task(config, shapes, n_instruments, tok_model, tok_params=None):
+  """The VAR as an engine Task; `tok_params` (sharded arrays) ride along as `frozen`."""
+  model = ar.from_config(config, shapes, n_instruments)
+  first = shapes.scales[0] ** 2
+
+  def init(rng, batch):
+    b = batch['image'].shape[0]
+    teacher = jnp.zeros((b, shapes.num_tokens - first, shapes.latent[-1]), jnp.float32)
+    return model.init({'params': rng}, batch['pitch'], batch['instrument'], teacher)['params']
+
+  def loss(params, batch, rng, step, frozen):
+    flat, teacher = token_targets(tok_model, frozen, batch['image'])
+    logits = model.apply({'params': params}, batch['pitch'], batch['instrument'], teacher,
+                         train=True, rngs={'dropout': rng})
+    nll, hit, per_scale = _scores(logits, flat, shapes.scales)
+    value = nll.mean()
+    return value, {'loss': value, 'acc': hit.mean(), **{k: v.mean() for k, v in per_scale.items()}}
+
+  def eval_fn(params, batch, frozen):
+    flat, teacher = token_targets(tok_model, frozen, batch['image'])
+    logits = model.apply({'params': params}, batch['pitch'], batch['instrument'], teacher)
+    nll, hit, per_scale = _scores(logits, flat, shapes.scales)
+    m = batch['mask'].astype(jnp.float32)
+    n = jnp.maximum(m.sum(), 1.0)
+    out = {'loss': (nll.mean(1) * m).sum() / n, 'acc': (hit.mean(1) * m).sum() / n}
+    out.update({k: (v * m).sum() / n for k, v in per_scale.items()})
+    return out
+
+  return engine.Task(init=init, loss=loss, eval_fn=eval_fn, frozen=tok_params), model
+
+
+def _stage_dir(workdir):
+  return os.path.join(workdir, NAME)
+
+
+def fingerprint(config):
+  return common.stage_fingerprint(config, 'tokenizer', 'autoregressor')
+
+
+def is_complete(config, workdir):
+  return common.is_complete(_stage_dir(workdir), fingerprint(config))
+
+
+def _mesh(config):
+  return partitioning.make_mesh(config)
+
+
+def run(config, workdir):
+  shapes = config_lib.derive(config)
+  if not tok_stage.is_complete(config, workdir):
+    raise config_lib.ConfigError(
+        f'the autoregressor needs a trained tokenizer for this config in {workdir}/tokenizer; '
+        f'run --stages=tokenizer first.')
+  stage_dir = _stage_dir(workdir)
+  fp = fingerprint(config)
+  common.claim(stage_dir, fp, NAME)
+  data_dir = common.data_dir(workdir)
+  manifest = pipeline.load_manifest(data_dir)
+  tc = config.autoregressor.train
+  config_lib.validate_batch(config, NAME, jax.device_count(), jax.process_count())
+  mesh = _mesh(config)
+  tok_params, tok_model = tok_stage.load_params(config, workdir, mesh)
+  task, _ = make_task(config, shapes, num_instruments(config, manifest), tok_model, tok_params)
+  eval_bs = max(tc.batch_size // jax.process_count(), 1) * jax.process_count()
+  state = engine.train(
+      task, config, NAME, stage_dir,
+      train_iter_fn=lambda: pipeline.make_iterator(config, data_dir, 'train',
+                                                   batch_size=tc.batch_size),
+      eval_iter_fn=lambda: pipeline.eval_batches(config, data_dir, 'valid', batch_size=eval_bs))
+  common.mark_complete(stage_dir, fp, step=int(jax.device_get(state.step)))
+
+
+def load_params(config, workdir, mesh, n_instruments):
+  """The trained VAR's params (EMA when kept), sharded on `mesh`, and the model."""
+  shapes = config_lib.derive(config)
+  task, model = make_task(config, shapes, n_instruments, tok_model=None)
+  rows = max(mesh.size // jax.process_count(), 1)
+  sample = {'image': np.zeros((rows,) + shapes.image, np.float32),
+            'pitch': np.zeros((rows,), np.int32), 'instrument': np.zeros((rows,), np.int32)}
+  target = engine.abstract_params(task, config, mesh, sample)
+  return checkpoint.restore_params(checkpoint.ckpt_dir(_stage_dir(workdir)), target), model

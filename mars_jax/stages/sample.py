@@ -1,0 +1,77 @@
+"""`sample` stage: writes DIR/samples/*.wav and samples.json for the configured requests."""
+import json
+import os
+
+import jax
+
+from mars_jax import config as config_lib
+from mars_jax.sample import Generator, save_wav
+from mars_jax.stages import autoregressor as ar_stage
+from mars_jax.stages import common
+
+NAME = 'samples'
+
+
+def fingerprint(config):
+  return common.stage_fingerprint(config, 'tokenizer', 'autoregressor', 'sample')
+
+
+def is_complete(config, workdir):
+  return common.is_complete(os.path.join(workdir, NAME), fingerprint(config))
+
+
+def requests(config, pitches, instruments):
+  """The (pitch, instrument) of each sample: sample.num spread over the pitch x instrument grid.
+
+  sample.pitches / sample.instruments narrow the grid (() = everything trained); sample.num = 0
+  takes the whole grid once. Consecutive requests walk the grid with a stride coprime to its
+  size, so a small `num` still covers many pitches and instruments.
+  """
+  s = config.sample
+  ps = [int(p) for p in s.pitches] or pitches
+  ins = list(s.instruments) or instruments
+  grid = [(p, i) for p in ps for i in ins]
+  n = s.num or len(grid)
+  stride = next(k for k in range(len(ins) + 1, 10 * len(grid) + 2)
+                if _gcd(k, len(grid)) == 1) if len(grid) > 1 else 1
+  return [grid[(j * stride) % len(grid)] for j in range(n)]
+
+
+def _gcd(a, b):
+  while b:
+    a, b = b, a % b
+  return a
+
+
+def run(config, workdir):
+  config_lib.derive(config)
+  if not ar_stage.is_complete(config, workdir):
+    raise config_lib.ConfigError(f'sampling needs a trained autoregressor for this config in '
+                                 f'{workdir}/autoregressor; run --stages=autoregressor first.')
+  out = os.path.join(workdir, NAME)
+  fp = fingerprint(config)
+  common.claim(out, fp, NAME)
+  gen = Generator.from_workdir(workdir, config)
+  reqs = requests(config, gen.pitches, gen.instruments)
+  s = config.sample
+  entries = []
+  bs = max(1, s.batch_size)
+  for start in range(0, len(reqs), bs):
+    chunk = reqs[start:start + bs]
+    seeds = [s.seed + start + j for j in range(len(chunk))]
+    waves = gen.audio(gen.spectrograms([p for p, _ in chunk], [i for _, i in chunk], seeds))
+    for j, ((pitch, inst), seed) in enumerate(zip(chunk, seeds)):
+      name = f'{start + j:05d}_p{pitch}_{inst}_s{seed}.wav'
+      if jax.process_index() == 0:
+        save_wav(os.path.join(out, name), waves[j], gen.sample_rate)
+      entries.append({'file': name, 'pitch': pitch, 'instrument': inst,
+                      'instrument_label': config.data.instrument_label, 'seed': seed,
+                      'cfg': float(s.cfg), 'top_k': int(s.top_k), 'top_p': float(s.top_p),
+                      'sample_rate': gen.sample_rate, 'duration': float(config.spectrogram.duration)})
+    print(f'[sample] {min(start + bs, len(reqs))}/{len(reqs)} notes', flush=True)
+  if jax.process_index() == 0:
+    tmp = os.path.join(out, 'samples.json.tmp')
+    with open(tmp, 'w') as f:
+      json.dump(entries, f, indent=1)
+    os.replace(tmp, os.path.join(out, 'samples.json'))
+  common.mark_complete(out, fp, count=len(entries))
