@@ -5,13 +5,11 @@ import os
 from mars_jax import config as config_lib
 from mars_jax.data import prepare
 
-# Fields that never change what a training stage produces.
-_NOT_CONTENT = prepare._NOT_CONTENT + ('sample', 'evaluate')
 
 
 def stage_fingerprint(config, *sections):
   return config_lib.fingerprint(config, 'seed', 'data', 'spectrogram', 'cmx', *sections,
-                                exclude=_NOT_CONTENT)
+                                exclude=prepare._NOT_CONTENT)
 
 
 def data_dir(workdir):
