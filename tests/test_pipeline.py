@@ -128,6 +128,14 @@ def test_processes_disjoint_and_complete(config, data_dir, repeat):
     _it(config, data_dir, batch_size=5, process_count=2)
 
 
+def test_global_batches_do_not_depend_on_process_count(config, data_dir):
+  """Rows of process 0 then process 1 form exactly the 1-process global batch, in order."""
+  one = _take(_it(config, data_dir, seed=9), 8)
+  two = [_take(_it(config, data_dir, seed=9, process_index=p, process_count=2), 8) for p in (0, 1)]
+  joined = [{k: np.concatenate([a[k], b[k]]) for k in a} for a, b in zip(*two)]
+  _assert_same(one, joined)
+
+
 @pytest.mark.parametrize('label', ['family', 'instrument'])
 def test_cmx_and_labels(config, data_dir, label):
   config = config.copy_and_resolve_references()

@@ -136,8 +136,9 @@ def make_iterator(config, data_dir: str, split: str, *, batch_size: int, shuffle
   Each element is {'image': f32 (b, H, W, C), 'pitch', 'instrument', 'velocity': i32 (b,)}
   with b = batch_size // process_count. The shuffle is seeded by `seed` (default
   config.seed) folded with the epoch, so every epoch has a new but reproducible order.
-  Processes take interleaved slices of the one global order: disjoint, and together
-  the whole epoch. `worker_count` (default config.data.loader_workers) > 0 decodes in
+  Each global batch is consecutive examples of the one global order, process p holding
+  its p-th slice: disjoint across processes, together the whole epoch, and the same
+  global batches for any process count. `worker_count` (default config.data.loader_workers) > 0 decodes in
   that many spawned processes; the batches are identical to worker_count=0.
   """
   pi, pc = _process(process_index, process_count)
@@ -153,13 +154,15 @@ def make_iterator(config, data_dir: str, split: str, *, batch_size: int, shuffle
     ds = ds.shuffle(seed=seed)
   if repeat:
     ds = ds.repeat(None)  # reseeds the shuffle each epoch (seed + epoch)
-  else:
-    ds = ds[:n // pc * pc]  # every process gets the same number of examples
-  ds = ds[pi::pc]
+  else:  # every process gets the same number of batches
+    ds = ds[:n // batch_size * batch_size] if drop_remainder else ds[:n // pc * pc]
   if not repeat and (n // pc < local if drop_remainder else n // pc == 0):
     raise DataError(f'split {split!r} has {n} examples: too few for a per-process batch of '
                     f'{local} over {pc} processes.')
-  ds = ds.map(_decoder(config, shapes)).batch(local, drop_remainder=drop_remainder)
+  # Batch the one global order, then deal whole batches out: process p holds rows
+  # [p*local, (p+1)*local) of every global batch, so a global batch has the same rows in the
+  # same order whatever the process count (a 2-process run equals a 1-process run).
+  ds = ds.map(_decoder(config, shapes)).batch(local, drop_remainder=drop_remainder)[pi::pc]
   ds = ds.map(to_float32)
   it_ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=READ_THREADS,
                                                prefetch_buffer_size=READ_BUFFER))
