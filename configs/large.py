@@ -19,4 +19,8 @@ def get_config():
   c.mesh.data = -1
   c.mesh.fsdp = 8
   c.mesh.tensor = 1
+  # Per-chip budget for the train state (fp32 params + AdamW mu/nu + EMA), checked by
+  # tests/test_large_config.py on a 64-chip mesh. A v5p chip has 95 GiB HBM; the rest is for
+  # activations, the bf16 compute copy and XLA temporaries.
+  c.mesh.memory_budget_gib = 16.0
   return c

@@ -130,6 +130,7 @@ def get_config():
   c.mesh.data = -1                   # -1: all remaining devices
   c.mesh.fsdp = 1
   c.mesh.tensor = 1
+  c.mesh.memory_budget_gib = 0.0     # per-device params + optimizer state budget; 0 = unchecked
   # logical axis name -> mesh axes (None = replicated); MaxText-style rules.
   c.mesh.rules = (
       ('batch', ('data', 'fsdp')),

@@ -34,6 +34,13 @@ _CONFIG = config_flags.DEFINE_config_file(
 _WORKDIR = flags.DEFINE_string('workdir', None, 'Output folder (see README: workdir layout).')
 _STAGES = flags.DEFINE_list('stages', ','.join(STAGES), f'Stages to run, a subset of {STAGES}.')
 _FORCE = flags.DEFINE_bool('force', False, 'Rerun stages even when their output is complete.')
+_COORDINATOR = flags.DEFINE_string(
+    'coordinator', None, 'host:port of process 0 for a multi-process run (env MARS_COORDINATOR); '
+    'TPU pods and SLURM are detected without it.')
+_NUM_PROCESSES = flags.DEFINE_integer('num_processes', None,
+                                      'Processes in the run (env MARS_NUM_PROCESSES).')
+_PROCESS_ID = flags.DEFINE_integer('process_id', None,
+                                   'This process, 0..num_processes-1 (env MARS_PROCESS_ID).')
 
 
 class StageNotImplemented(RuntimeError):
@@ -58,13 +65,31 @@ def parse_stages(stages):
   return [s for s in STAGES if s in stages]  # always in pipeline order
 
 
+def _barrier(name):
+  """All processes wait here (a no-op with one process)."""
+  import jax
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils
+    multihost_utils.sync_global_devices(name)
+
+
 def run(config, workdir, stages=STAGES, force=False, out=print):
-  """Validates `config`, then runs `stages` in order; returns nothing, raises on failure."""
+  """Validates `config`, then runs `stages` in order; returns nothing, raises on failure.
+
+  With several processes, each runs this; `prepare` runs on process 0 alone (the others wait),
+  training stages run everywhere (the engine shards the data by process), and only process 0
+  writes config.json and prints.
+  """
+  from mars_jax import distributed
   shapes = config_lib.derive(config)
   stages = parse_stages(stages)
+  main_process = distributed.is_main()
+  if not main_process:
+    out = lambda *a, **k: None
   os.makedirs(workdir, exist_ok=True)
-  with open(os.path.join(workdir, 'config.json'), 'w') as f:
-    f.write(config.to_json_best_effort(indent=2))
+  if main_process:
+    with open(os.path.join(workdir, 'config.json'), 'w') as f:
+      f.write(config.to_json_best_effort(indent=2))
   out(f'mars_jax: workdir {workdir}; spectrogram {shapes.spectrogram} -> image {shapes.image} '
       f'-> latent {shapes.latent}; scales {shapes.scales} ({shapes.num_tokens} tokens)')
   for name in stages:
@@ -74,7 +99,9 @@ def run(config, workdir, stages=STAGES, force=False, out=print):
       continue
     out(f'[{name}] starting')
     t0 = time.time()
-    stage.run(config, workdir)
+    if name != 'prepare' or main_process:
+      stage.run(config, workdir)
+    _barrier(f'mars_jax/{name}')
     out(f'[{name}] done in {time.time() - t0:.1f}s')
 
 
@@ -95,6 +122,8 @@ def main(argv):
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
   if not _WORKDIR.value:
     raise app.UsageError('--workdir is required (the folder every stage writes into).')
+  from mars_jax import distributed  # before anything touches a device
+  distributed.maybe_initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
   logging.set_verbosity(logging.WARNING)  # orbax/grain INFO is noise; progress goes to stdout
   _compilation_cache(_WORKDIR.value)
   try:

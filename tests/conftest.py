@@ -17,6 +17,11 @@ import pytest  # noqa: E402
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 
+def pytest_configure(config):
+  config.addinivalue_line(
+      'markers', 'multihost: multi-process jax.distributed tests (slow; deselect: -m "not multihost")')
+
+
 def load_config(name='tiny'):
   """Loads configs/<name>.py the way the CLI does."""
   import importlib.util
@@ -29,3 +34,38 @@ def load_config(name='tiny'):
 @pytest.fixture
 def tiny_config():
   return load_config('tiny')
+
+
+def small_tiny_config(**overrides):
+  """The tiny config cut down for tests: fewer notes, few steps, frequent evals."""
+  c = load_config('tiny')
+  c.data.synthetic.per_pitch_family = 2
+  c.data.prepare_workers = 1
+  for stage in ('tokenizer', 'autoregressor'):
+    t = c[stage].train
+    t.steps, t.batch_size, t.log_every, t.eval_every, t.checkpoint_every = 30, 16, 5, 10, 10
+    t.warmup_steps = 3
+  c.autoregressor.train.lr = 3e-3
+  c.tokenizer.channels, c.tokenizer.groups = 16, 4
+  c.autoregressor.depth, c.autoregressor.width, c.autoregressor.heads = 2, 64, 2
+  c.sample.num, c.sample.batch_size = 8, 8
+  for k, v in overrides.items():
+    section, *rest = k.split('__')
+    node = c[section]
+    for r in rest[:-1]:
+      node = node[r]
+    node[rest[-1]] = v
+  return c
+
+
+@pytest.fixture(scope='session')
+def trained_workdir(tmp_path_factory):
+  """A workdir through prepare, tokenizer, autoregressor and sample on the cut-down tiny config.
+
+  Shared by the stage tests (and the evaluation tests) so the pipeline trains once a session.
+  """
+  from mars_jax import main
+  workdir = str(tmp_path_factory.mktemp('tiny_workdir'))
+  config = small_tiny_config()
+  main.run(config, workdir, stages=('prepare', 'tokenizer', 'autoregressor', 'sample'))
+  return workdir, config

@@ -3,6 +3,7 @@ import json
 import os
 
 from mars_jax import config as config_lib
+from mars_jax import distributed
 from mars_jax.data import prepare
 
 
@@ -32,11 +33,14 @@ def claim(stage_dir, fingerprint, stage):
           f'{stage_dir} holds {stage} checkpoints trained with another config '
           f'(fingerprint {old["fingerprint"]}, now {fingerprint}); use another --workdir, or '
           f'delete {stage_dir} to retrain.')
-  with open(path, 'w') as f:
-    json.dump({'fingerprint': fingerprint, 'complete': False}, f)
+  if distributed.is_main():
+    with open(path, 'w') as f:
+      json.dump({'fingerprint': fingerprint, 'complete': False}, f)
 
 
 def mark_complete(stage_dir, fingerprint, **extra):
+  if not distributed.is_main():
+    return
   tmp = _marker(stage_dir) + '.tmp'
   with open(tmp, 'w') as f:
     json.dump({'fingerprint': fingerprint, 'complete': True, **extra}, f, indent=2)
