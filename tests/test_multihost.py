@@ -1,0 +1,153 @@
+"""Two processes joined by jax.distributed on 127.0.0.1 train exactly like one process.
+
+Runs tests/multihost_driver.py (the tiny tokenizer through the real stage Task and engine) as
+  one    : 1 process x 8 CPU devices (the reference),
+  crash  : 2 processes x 4 CPU devices (same global mesh of 8, same global batches); process 1
+           SIGKILLs itself mid-run after checkpoint 2 is on disk; the survivor must not hang
+           forever; then both restart and resume from checkpoint 2.
+The 2-process losses before the crash, after the resume, and the final params must equal the
+1-process run's to float tolerance (one 2-process run proves both claims: it saves a compile). Slow (compiles in each
+process): deselect with `-m "not multihost"`. The autoregressor stage is not covered yet
+(mars_jax/stages/autoregressor.py did not exist when this was written).
+"""
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+pytestmark = pytest.mark.multihost
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+DRIVER = os.path.join(ROOT, 'tests', 'multihost_driver.py')
+HEARTBEAT_S = 10      # a dead peer fails the survivor after this (jax's default is 100 s)
+RUN_TIMEOUT = 900     # per run; generous because the 2-core CI machine may be shared
+SURVIVOR_TIMEOUT = 120
+
+
+def _free_port():
+  with socket.socket() as s:
+    s.bind(('127.0.0.1', 0))
+    return s.getsockname()[1]
+
+
+def _env(devices):
+  env = dict(os.environ)
+  env.update(XLA_FLAGS=f'--xla_force_host_platform_device_count={devices}', JAX_PLATFORMS='cpu',
+             MARS_HEARTBEAT_S=str(HEARTBEAT_S), PYTHONPATH=ROOT)
+  for k in ('MARS_COORDINATOR', 'MARS_NUM_PROCESSES', 'MARS_PROCESS_ID', 'SLURM_NTASKS'):
+    env.pop(k, None)
+  return env
+
+
+def _launch(workdir, run, n, extra=()):
+  """Starts n driver processes (8 devices in all); returns [(Popen, log path)]."""
+  port = _free_port()
+  procs = []
+  for i in range(n):
+    args = [sys.executable, DRIVER, f'--workdir={workdir}', f'--run={run}',
+            f'--cache={os.path.join(workdir, "xla_cache")}', *extra]
+    if n > 1:
+      args += [f'--coordinator=127.0.0.1:{port}', f'--num_processes={n}', f'--process_id={i}']
+    log = os.path.join(workdir, f'{run}-{i}-{time.monotonic_ns()}.log')
+    with open(log, 'w') as f:
+      procs.append((subprocess.Popen(args, env=_env(8 // n), stdout=f, stderr=subprocess.STDOUT,
+                                     cwd=ROOT), log))
+  return procs
+
+
+def _read(log):
+  with open(log) as f:
+    return f.read()
+
+
+def _wait(procs, timeout=RUN_TIMEOUT):
+  deadline = time.time() + timeout
+  for p, log in procs:
+    try:
+      p.wait(max(1, deadline - time.time()))
+    except subprocess.TimeoutExpired:
+      for q, _ in procs:
+        q.kill()
+      pytest.fail(f'driver timed out; log:\n{_read(log)[-3000:]}')
+    assert p.returncode == 0, f'driver exited {p.returncode}; log:\n{_read(log)[-3000:]}'
+
+
+def _losses(workdir, run):
+  with open(os.path.join(workdir, run, 'tokenizer', 'metrics.jsonl')) as f:
+    rows = [json.loads(line) for line in f]
+  return {r['step']: r['loss'] for r in rows}
+
+
+def _params(workdir, run):
+  with np.load(os.path.join(workdir, run, 'result.npz')) as z:
+    return {k: z[k] for k in z.files}
+
+
+def _assert_params_close(a, b):
+  assert a.keys() == b.keys()
+  for k in a:
+    np.testing.assert_allclose(a[k], b[k], rtol=2e-4, atol=2e-5, err_msg=k)
+
+
+@pytest.fixture(scope='module')
+def workdir(tmp_path_factory):
+  """The tiny synthetic data set, prepared once (per_pitch_family=1: 96 training notes)."""
+  sys.path.insert(0, os.path.join(ROOT, 'tests'))
+  import multihost_driver
+  from mars_jax.data import prepare
+  d = str(tmp_path_factory.mktemp('multihost'))
+  prepare.run(multihost_driver.tiny_config(), d, log=lambda m: None)
+  return d
+
+
+def test_two_processes_match_one_then_survive_a_crash_and_resume(workdir):
+  t0 = time.time()
+  _wait(_launch(workdir, 'one', 1))
+  t_first = time.time() - t0
+  l1 = _losses(workdir, 'one')
+  assert sorted(l1) == [1, 2, 3, 4]
+  ref = _params(workdir, 'one')
+
+  # Crash: process 1 dies (SIGKILL) before reading batch 4 (step 3), after checkpoint 2 landed.
+  t1 = time.time()
+  crash = _launch(workdir, 'crash', 2, ['--die_process=1', '--die_at_batch=4',
+                                         '--die_after_ckpt=2'])
+  (p0, log0), (p1, log1) = crash
+  p1.wait(RUN_TIMEOUT)
+  assert p1.returncode == -signal.SIGKILL, _read(log1)[-3000:]
+  assert 'process 1/2, 4 local of 8 devices' in _read(log1)
+  before = _losses(workdir, 'crash')
+  assert sorted(before)[:2] == [1, 2]
+  for s in (1, 2):   # the same global batches, so the same mean loss as one process
+    assert before[s] == pytest.approx(l1[s], rel=1e-5, abs=1e-6), (s, l1, before)
+  t_dead = time.time()
+  try:   # the survivor is blocked in a collective; the coordination service must fail it
+    p0.wait(SURVIVOR_TIMEOUT)
+    survivor_exit = p0.returncode
+  except subprocess.TimeoutExpired:
+    p0.kill()
+    p0.wait()
+    survivor_exit = None
+  t_survivor = time.time() - t_dead
+  assert survivor_exit not in (None, 0), (
+      f'survivor still running {SURVIVOR_TIMEOUT}s after its peer died (killed by the test); '
+      f'log:\n{_read(log0)[-3000:]}')
+  ckpts = os.path.join(workdir, 'crash', 'tokenizer', 'checkpoints')
+  assert '2' in os.listdir(ckpts)
+
+  # Restart both: they resume from checkpoint 2 and end where the uninterrupted runs ended.
+  again = _launch(workdir, 'crash', 2)
+  _wait(again)
+  assert 'resuming from step 2' in _read(again[0][1])
+  _assert_params_close(_params(workdir, 'crash'), ref)
+  l3 = _losses(workdir, 'crash')
+  for s in l1:
+    assert l3[s] == pytest.approx(l1[s], rel=1e-5, abs=1e-6), (s, l1, l3)
+  print(f'\nmultihost: one {t_first:.0f}s; crash+resume {time.time() - t1:.0f}s; survivor '
+        f'exited {survivor_exit} {t_survivor:.0f}s after its peer died')
