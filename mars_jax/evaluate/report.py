@@ -1,0 +1,275 @@
+"""DIR/report.html: one self-contained listening report (no JS, no network, no side files).
+
+Audio and images are embedded as base64 data: URIs so the page still works when copied
+anywhere (mailed, attached to an issue). Training curves are inline SVG polylines.
+"""
+from __future__ import annotations
+
+import base64
+import glob
+import html
+import io
+import json
+import math
+import os
+import time
+
+import numpy as np
+
+from mars_jax.evaluate import images
+
+IMG_SIDE = 256   # spectrogram PNGs are average-pooled to at most this many pixels a side
+
+# (label, generated key, real-ceiling key, which way is better)
+PAIRED = (
+    ('PIS (pitch inception score)', 'pis', 'real_pis', 'higher'),
+    ('IIS (instrument inception score)', 'iis', 'real_iis', 'higher'),
+    ('PKID (pitch-classifier embeddings, MMD² unbiased)', 'pkid', 'real_pkid', 'lower'),
+    ('IKID (instrument-classifier embeddings)', 'ikid', 'real_ikid', 'lower'),
+    ('NDB/k (fraction of different bins)', 'ndb_k', 'real_ndb_k', 'lower'),
+    ('NDB Jensen-Shannon divergence', 'ndb_js', 'real_ndb_js', 'lower'),
+    ('Fréchet distance, pitch-classifier embeddings (fad_clf, not VGGish FAD)', 'fad_clf_pitch',
+     'real_fad_clf_pitch', 'lower'),
+    ('Fréchet distance, instrument-classifier embeddings', 'fad_clf_instrument',
+     'real_fad_clf_instrument', 'lower'),
+    ('pitch exact (librosa.pyin)', 'pitch_exact', 'real_pitch_exact', 'higher'),
+    ('pitch within a semitone (pyin)', 'pitch_within_semitone', 'real_pitch_within_semitone',
+     'higher'),
+    ('pitch detected (pyin voiced)', 'pitch_detected', 'real_pitch_detected', 'higher'),
+    ('pitch classifier agrees with the requested pitch', 'clf_pitch_match', 'real_clf_pitch_match',
+     'higher'),
+    ('instrument classifier agrees with the requested label', 'clf_instrument_match',
+     'real_clf_instrument_match', 'higher'),
+    ('mean nearest-training-note cosine distance (memorisation: ~0 = copies)',
+     'nn_dist_generated', 'nn_dist_real', 'similar'),
+)
+SINGLE = (
+    ('tokenizer reconstruction MSE (held-out, normalised scale)', 'mse'),
+    ('tokenizer reconstruction MAE', 'mae'),
+    ('pitch classifier test accuracy', 'acc_pitch_classifier'),
+    ('instrument classifier test accuracy', 'acc_instrument_classifier'),
+    ('generated notes', 'num_generated'),
+    ('unreadable generated files (scored as silence)', 'num_generated_unreadable'),
+    ('real training notes used', 'num_real_train'),
+    ('real held-out notes used', 'num_real_test'),
+    ('real held-out notes scored by pyin', 'num_real_pitch'),
+)
+
+_CSS = """
+body{font-family:system-ui,sans-serif;margin:1.5em;color:#222;max-width:1400px}
+table{border-collapse:collapse;margin:.5em 0 1.5em}
+td,th{border:1px solid #ccc;padding:.25em .6em;text-align:left;vertical-align:top}
+td.n{text-align:right;font-variant-numeric:tabular-nums}
+.grid td{font-size:12px}
+.grid img{width:128px;height:128px;image-rendering:pixelated;display:block}
+.grid audio{width:128px;height:28px}
+.pair{display:flex;gap:6px}
+.curves{display:flex;flex-wrap:wrap;gap:1em}
+figure{margin:0}
+figcaption{font-size:13px}
+.dim{color:#888}
+"""
+
+
+def _fmt(v):
+  if v is None:
+    return 'n/a'
+  if isinstance(v, (int, np.integer)) and not isinstance(v, bool):
+    return str(int(v))
+  v = float(v)
+  if not math.isfinite(v):
+    return 'n/a'
+  if v != 0 and (abs(v) < 1e-3 or abs(v) >= 1e5):
+    return f'{v:.3e}'
+  return f'{v:.4f}'
+
+
+def _pool(spec, side=IMG_SIDE):
+  spec = np.asarray(spec, np.float32)
+  F, T = spec.shape
+  a = next(k for k in range(1, F + 1) if F % k == 0 and F // k <= side)
+  b = next(k for k in range(1, T + 1) if T % k == 0 and T // k <= side)
+  return spec.reshape(F // a, a, T // b, b).mean((1, 3))
+
+
+def png_uri(spec):
+  """(F, T) normalised spectrogram -> data:image/png URI (low frequencies at the bottom)."""
+  return 'data:image/png;base64,' + base64.b64encode(images.spectrogram_png(_pool(spec))).decode()
+
+
+def wav_uri(wave, sample_rate):
+  """(N,) float wave -> data:audio/wav URI, 16-bit PCM (what every browser decodes)."""
+  import soundfile as sf
+  buf = io.BytesIO()
+  sf.write(buf, np.clip(np.asarray(wave, np.float32), -1.0, 1.0), int(sample_rate),
+           format='WAV', subtype='PCM_16')
+  return 'data:audio/wav;base64,' + base64.b64encode(buf.getvalue()).decode()
+
+
+# --- training curves ---------------------------------------------------------------------------
+
+
+def load_curves(workdir):
+  """{name: {series: [(step, value)]}} from DIR/*/metrics.jsonl and DIR/eval/*/metrics.jsonl."""
+  order = {'tokenizer': 0, 'autoregressor': 1}  # pipeline order first, then the rest by name
+  paths = sorted(glob.glob(os.path.join(workdir, '*', 'metrics.jsonl'))
+                 + glob.glob(os.path.join(workdir, 'eval', '*', 'metrics.jsonl')),
+                 key=lambda p: (order.get(os.path.basename(os.path.dirname(p)), 2), p))
+  curves = {}
+  for p in paths:
+    name = os.path.relpath(os.path.dirname(p), workdir)
+    series = {}
+    with open(p) as f:
+      for line in f:
+        try:
+          r = json.loads(line)
+          step = float(r['step'])
+        except (ValueError, KeyError, TypeError):
+          continue
+        for key in ('loss', 'eval/loss'):
+          v = r.get(key)
+          if isinstance(v, (int, float)) and math.isfinite(v):
+            series.setdefault(key, []).append((step, float(v)))
+    if series:
+      curves[name] = series
+  return curves
+
+
+_COLOURS = ('#1f77b4', '#d62728', '#2ca02c', '#9467bd')
+
+
+def svg_curve(series, width=420, height=220):
+  """Inline SVG: each series a polyline of value vs step; log y when all positive and the
+  range spans more than 20x (losses usually do)."""
+  pts = [v for s in series.values() for v in s]
+  if not pts:
+    return ''
+  xs = np.array([p[0] for p in pts])
+  ys = np.array([p[1] for p in pts])
+  log = bool(np.all(ys > 0) and ys.max() / ys.min() > 20)
+  f = np.log10 if log else (lambda a: np.asarray(a, np.float64))
+  x0, x1 = xs.min(), max(xs.max(), xs.min() + 1)
+  y0, y1 = float(f(ys).min()), float(f(ys).max())
+  if y1 - y0 < 1e-12:
+    y0, y1 = y0 - 0.5, y1 + 0.5
+  l, r, t, b = 52, 10, 10, 28
+  sx = lambda x: l + (x - x0) / (x1 - x0) * (width - l - r)
+  sy = lambda y: t + (1 - (y - y0) / (y1 - y0)) * (height - t - b)
+  parts = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" '
+           f'viewBox="0 0 {width} {height}" role="img">',
+           f'<rect x="{l}" y="{t}" width="{width - l - r}" height="{height - t - b}" '
+           f'fill="none" stroke="#999"/>']
+  lab = (lambda y: f'{10 ** y:.3g}') if log else (lambda y: f'{y:.3g}')
+  for y in (y0, y1):
+    parts.append(f'<text x="{l - 4}" y="{sy(y) + 4:.1f}" font-size="10" text-anchor="end">'
+                 f'{lab(y)}</text>')
+  for x in (x0, x1):
+    parts.append(f'<text x="{sx(x):.1f}" y="{height - 12}" font-size="10" text-anchor="middle">'
+                 f'{x:.0f}</text>')
+  parts.append(f'<text x="{(l + width - r) / 2:.0f}" y="{height - 1}" font-size="10" '
+               f'text-anchor="middle">step{" (log y)" if log else ""}</text>')
+  for k, (name, s) in enumerate(series.items()):
+    c = _COLOURS[k % len(_COLOURS)]
+    poly = ' '.join(f'{sx(x):.1f},{sy(float(f(y))):.1f}' for x, y in s)
+    if len(s) == 1:
+      x, y = s[0]
+      parts.append(f'<circle cx="{sx(x):.1f}" cy="{sy(float(f(y))):.1f}" r="2.5" fill="{c}"/>')
+    else:
+      parts.append(f'<polyline fill="none" stroke="{c}" stroke-width="1.5" points="{poly}"/>')
+    parts.append(f'<text x="{width - r - 4}" y="{t + 12 + 12 * k}" font-size="10" '
+                 f'text-anchor="end" fill="{c}">{html.escape(name)}</text>')
+  parts.append('</svg>')
+  return ''.join(parts)
+
+
+# --- page --------------------------------------------------------------------------------------
+
+
+def _metrics_table(m):
+  rows = ['<table><tr><th>metric</th><th>generated</th><th>real held-out (ceiling)</th>'
+          '<th>better</th></tr>']
+  for label, g, r, better in PAIRED:
+    if g not in m and r not in m:
+      continue
+    rows.append(f'<tr><td>{html.escape(label)} <span class="dim">({g})</span></td>'
+                f'<td class="n">{_fmt(m.get(g))}</td><td class="n">{_fmt(m.get(r))}</td>'
+                f'<td>{better}</td></tr>')
+  rows.append('</table><table><tr><th>other</th><th>value</th></tr>')
+  for label, k in SINGLE:
+    if k in m:
+      rows.append(f'<tr><td>{html.escape(label)} <span class="dim">({k})</span></td>'
+                  f'<td class="n">{_fmt(m[k])}</td></tr>')
+  known = {k for _, g, r, _ in PAIRED for k in (g, r)} | {k for _, k in SINGLE}
+  for k in sorted(set(m) - known):
+    rows.append(f'<tr><td>{html.escape(k)}</td><td class="n">{_fmt(m[k])}</td></tr>')
+  rows.append('</table>')
+  return '\n'.join(rows)
+
+
+def _note(spec, wave, sr, caption):
+  return (f'<figure><img alt="{html.escape(caption)}" src="{png_uri(spec)}">'
+          f'<audio controls preload="auto" src="{wav_uri(wave, sr)}"></audio>'
+          f'<figcaption>{html.escape(caption)}</figcaption></figure>')
+
+
+def _grid_table(grid, sr):
+  if not grid or not grid.get('cells'):
+    return '<p>No generated notes to show.</p>'
+  rows = ['<table class="grid"><tr><th>pitch \\ instrument</th>']
+  rows += [f'<th>{html.escape(str(n))}</th>' for n in grid['instruments']]
+  rows.append('</tr>')
+  for p in grid['pitches']:
+    rows.append(f'<tr><th>MIDI {p}</th>')
+    for q in grid['instrument_ids']:
+      c = grid['cells'].get((p, q))
+      if c is None:
+        rows.append('<td class="dim">-</td>')
+        continue
+      nn = c['nn']
+      rows.append('<td><div class="pair">'
+                  + _note(c['spec'], c['wave'], sr, f'generated {c["file"]}')
+                  + _note(nn['spec'], nn['wave'], sr,
+                          f'nearest train: {nn["name"]} (d={nn["dist"]:.3f})')
+                  + '</div></td>')
+    rows.append('</tr>')
+  rows.append('</table>')
+  return ''.join(rows)
+
+
+def render(metrics, curves, grid, sample_rate, title='mars_jax listening report', note=''):
+  """The whole page as a string."""
+  figs = ''.join(f'<figure>{svg_curve(s)}<figcaption>{html.escape(name)}: '
+                 f'{", ".join(html.escape(k) for k in s)}</figcaption></figure>'
+                 for name, s in curves.items())
+  return f"""<!DOCTYPE html>
+<html lang="en"><head><meta charset="utf-8"><title>{html.escape(title)}</title>
+<style>{_CSS}</style></head><body>
+<h1>{html.escape(title)}</h1>
+<p class="dim">{html.escape(note)} Generated {time.strftime('%Y-%m-%d %H:%M:%S')}.
+Each metric of the generated notes (against the training notes) sits next to the same metric
+for held-out real notes (against the same training notes): the ceiling a perfect generator
+would reach. fad_clf_* use this project's classifiers, not VGGish, so they are not comparable
+with published FAD values.</p>
+<h2>Metrics</h2>
+{_metrics_table(metrics)}
+<h2>Training curves</h2>
+<div class="curves">{figs or '<p>No metrics.jsonl found.</p>'}</div>
+<h2>Generated notes and their nearest training notes</h2>
+<p class="dim">Left: generated (spectrogram recomputed from the audio file); right: the nearest
+training note by cosine distance of mean-centred pooled spectrograms, among the training notes
+evaluated.</p>
+{_grid_table(grid, sample_rate)}
+</body></html>
+"""
+
+
+def write_report(config, workdir, metrics, grid, path=None):
+  """Renders DIR/report.html (atomically) and returns its path."""
+  path = path or os.path.join(workdir, 'report.html')
+  page = render(metrics, load_curves(workdir), grid, int(config.spectrogram.sample_rate),
+                note=f'workdir {os.path.abspath(workdir)}; data.source={config.data.source}.')
+  tmp = path + '.tmp'
+  with open(tmp, 'w', encoding='utf-8') as f:
+    f.write(page)
+  os.replace(tmp, path)
+  return path

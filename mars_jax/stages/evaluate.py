@@ -1,0 +1,428 @@
+"""`evaluate` stage: classifiers, every metric of DESIGN.md section 6, and the listening report.
+
+Inputs: DIR/data (prepared), DIR/tokenizer/checkpoints, DIR/samples/samples.json + wavs.
+Outputs: DIR/eval/{pitch,instrument}_classifier/ (engine checkpoints + metrics.jsonl),
+DIR/eval/metrics.json (flat: generated metric, its `real_` ceiling = held-out test notes
+scored the same way against the training notes, sample counts) and DIR/report.html.
+
+Feature spaces (stated, since several are our choice):
+  * PIS/IIS: the classifiers' softmax; PKID/IKID and fad_clf_*: their embeddings (penultimate
+    layer), KID with the unbiased MMD^2 estimator on random subsets (metrics.kid), kernel
+    C/(C+d^2), C = evaluate.kid_c. `fad_clf_*` is a Frechet distance on OUR classifier's
+    embeddings, not VGGish FAD: its values are not comparable with published FAD.
+  * NDB/k and the memorisation check: the normalised spectrogram average-pooled to at most
+    NDB_SIDE x NDB_SIDE (4096 dims at most, no PCA) -- k-means on full 512 x 512 spectrograms
+    would cost 64x more for bins that the pooled view separates the same way. Memorisation
+    uses cosine distance after subtracting the training mean (raw spectrograms are mostly
+    the same silence floor, so uncentred cosines all sit near 0).
+  * pitch_*: librosa.pyin on the waveforms (never seen by any model).
+Real sets: at most evaluate.max_real notes per split, a seeded random subset.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from mars_jax import config as config_lib
+from mars_jax.audio import cmx as cmx_lib
+from mars_jax.audio import spectrogram as spec_lib
+from mars_jax.data import audio_io, pipeline, prepare, records
+from mars_jax.evaluate import classifiers, metrics as M, report
+from mars_jax.stages import common
+from mars_jax.train import partitioning
+
+NAME = 'evaluate'
+NDB_SIDE = 64          # pooled spectrogram side for NDB / memorisation features
+PYIN_REAL_MAX = 1024   # real test notes scored by pyin (pyin costs ~N x note length; see bench)
+CHUNK = 256            # records decoded and featurised at a time (bounded memory)
+
+
+def eval_dir(workdir):
+  return os.path.join(workdir, 'eval')
+
+
+def _samples_dir(workdir):
+  return os.path.join(workdir, 'samples')
+
+
+def _samples_hash(workdir):
+  """Content hash of samples.json and every wav it lists: new samples invalidate the result."""
+  h = hashlib.sha256()
+  path = os.path.join(_samples_dir(workdir), 'samples.json')
+  try:
+    with open(path, 'rb') as f:
+      blob = f.read()
+  except OSError:
+    return 'none'
+  h.update(blob)
+  try:
+    entries = json.loads(blob)
+  except ValueError:
+    return h.hexdigest()[:16]
+  for e in entries if isinstance(entries, list) else []:
+    try:
+      with open(os.path.join(_samples_dir(workdir), str(e.get('file'))), 'rb') as f:
+        h.update(f.read())
+    except (OSError, AttributeError):
+      h.update(b'missing')
+  return h.hexdigest()[:16]
+
+
+def fingerprint(config, workdir):
+  cfg = config_lib.fingerprint(config, 'seed', 'data', 'spectrogram', 'cmx', 'tokenizer',
+                               'classifier', 'evaluate', exclude=prepare._NOT_CONTENT)
+  return f'{cfg}-{_samples_hash(workdir)}'
+
+
+def is_complete(config, workdir):
+  return (common.is_complete(eval_dir(workdir), fingerprint(config, workdir))
+          and os.path.exists(os.path.join(eval_dir(workdir), 'metrics.json'))
+          and os.path.exists(os.path.join(workdir, 'report.html')))
+
+
+# --- inputs ------------------------------------------------------------------------------------
+
+
+def load_samples(config, workdir, vocab):
+  """samples.json -> (entries, requested pitch midi (N,), instrument index (N,))."""
+  path = os.path.join(_samples_dir(workdir), 'samples.json')
+  if not os.path.exists(path):
+    raise FileNotFoundError(f'no {path}: run the sample stage first '
+                            f'(python -m mars_jax.main --stages=sample ...).')
+  with open(path) as f:
+    entries = json.load(f)
+  names = list(vocab[config.data.instrument_label])
+  pitch = np.zeros(len(entries), np.int64)
+  inst = np.zeros(len(entries), np.int64)
+  for i, e in enumerate(entries):
+    pitch[i] = int(e['pitch'])
+    if e['instrument'] not in names:
+      raise ValueError(f'{path}: entry {i} has instrument {e["instrument"]!r}, not in the '
+                       f'manifest vocab[{config.data.instrument_label!r}] {names}.')
+    inst[i] = names.index(e['instrument'])
+  return entries, pitch, inst
+
+
+def load_waves(config, workdir, entries):
+  """(waves (N, n_samples), bad): downmixed, resampled to the config's rate, padded/cropped to
+  its length (prepare's rules); an unreadable or non-finite file becomes silence, counted in
+  `bad`, so one broken sample does not hide the rest."""
+  shapes = config_lib.derive(config)
+  sr = int(config.spectrogram.sample_rate)
+  waves = np.zeros((len(entries), shapes.n_samples), np.float32)
+  bad = 0
+  for i, e in enumerate(entries):
+    try:
+      waves[i], _ = audio_io.load_clip(os.path.join(_samples_dir(workdir), e['file']), sr,
+                                       shapes.n_samples, float('-inf'))
+    except audio_io.BadAudio:
+      bad += 1
+  return waves, bad
+
+
+class RealSplit:
+  """A seeded random subset (<= max_real) of one prepared split, read record by record."""
+
+  def __init__(self, config, workdir, split):
+    self.ds, self.shapes = pipeline._source(config, common.data_dir(workdir), split)
+    n = len(self.ds)
+    cap = int(config.evaluate.max_real)
+    idx = np.arange(n)
+    if cap and n > cap:
+      rng = np.random.default_rng([int(config.seed), 0xE7A1, ('train', 'valid', 'test').index(split)])
+      idx = np.sort(rng.choice(n, cap, replace=False))
+    self.indices, self.split = idx, split
+    self.label = str(config.data.instrument_label)
+
+  def __len__(self):
+    return len(self.indices)
+
+  def record(self, j):
+    """The j-th selected record: {'spec' (F, T) float32, 'name', labels...}."""
+    r = records.decode(self.ds[int(self.indices[j])])
+    return {**r, 'spec': np.asarray(r['spec'], np.float32)}
+
+  def chunks(self, size=CHUNK):
+    for i in range(0, len(self), size):
+      rs = [self.record(j) for j in range(i, min(i + size, len(self)))]
+      yield (np.stack([r['spec'] for r in rs]), np.array([int(r['pitch']) for r in rs]),
+             np.array([int(r[self.label]) for r in rs]),
+             [r['name'] for r in rs], rs)
+
+
+def pool_features(specs, side=NDB_SIDE):
+  """(N, F, T) -> (N, f*t) average-pooled by the smallest integer factors leaving <= side."""
+  specs = np.asarray(specs, np.float32)
+  n, F, T = specs.shape
+
+  def factor(d):
+    return next(k for k in range(1, d + 1) if d % k == 0 and d // k <= side)
+  a, b = factor(F), factor(T)
+  return specs.reshape(n, F // a, a, T // b, b).mean((2, 4)).reshape(n, -1)
+
+
+# --- features ----------------------------------------------------------------------------------
+
+
+class Featuriser:
+  """Classifier probs/embeddings, pooled spectrogram features and tokenizer errors per chunk."""
+
+  def __init__(self, config, workdir, mesh):
+    self.config, self.mesh = config, mesh
+    self.shapes = config_lib.derive(config)
+    self.models = {t: classifiers.load(config, workdir, t, mesh) for t in classifiers.TARGETS}
+    self.tok = None
+    self.workdir = workdir
+
+  def image(self, specs):
+    return cmx_lib.to_image(np.asarray(specs, np.float32), self.config.cmx)
+
+  def __call__(self, specs, recon=False):
+    images = self.image(specs)
+    out = {'feat': pool_features(specs)}
+    for t, (params, model) in self.models.items():
+      out[f'probs_{t}'], out[f'emb_{t}'] = classifiers.probs_and_embeddings(
+          model, params, images, self.mesh)
+    if recon:
+      if self.tok is None:
+        from mars_jax.stages import tokenizer as tok_stage
+        self.tok = tok_stage.load_params(self.config, self.workdir, self.mesh)
+      params, model = self.tok
+
+      def make():
+        def err(p, x):
+          r = model.apply({'params': p}, x)[0].astype(jnp.float32)
+          d = r - x
+          return jnp.mean(d * d, axis=(1, 2, 3)), jnp.mean(jnp.abs(d), axis=(1, 2, 3))
+        return err
+      key = ('tokenizer_err', self.config.to_json_best_effort(sort_keys=True))
+      jitted = classifiers.cached_jit(key, make, self.mesh)
+      out['sq_err'], out['abs_err'] = classifiers.batched_apply(jitted, params, images, self.mesh)
+    return out
+
+
+def _concat(parts):
+  keys = parts[0].keys()
+  return {k: np.concatenate([p[k] for p in parts]) for k in keys}
+
+
+def real_features(feat, split: RealSplit, recon=False):
+  parts, pitch, inst, names = [], [], [], []
+  for specs, p, i, n, _ in split.chunks():
+    parts.append(feat(specs, recon=recon))
+    pitch.append(p)
+    inst.append(i)
+    names += n
+  out = _concat(parts)
+  out.update(pitch=np.concatenate(pitch), instrument=np.concatenate(inst), names=names)
+  return out
+
+
+def source_audio(config, split: RealSplit, js):
+  """Original waveforms of split records js (through the data source: synthetic notes are
+  re-rendered, files re-read); Griffin-Lim of the stored spectrogram where that fails."""
+  from mars_jax.audio import griffin_lim
+  from mars_jax.data import sources
+  shapes = config_lib.derive(config)
+  sr = int(config.spectrogram.sample_rate)
+  try:
+    by_name = {e.name: e for e in sources.get_source(config).examples(split.split)}
+  except Exception:  # data moved or unreadable listing: fall back below
+    by_name = {}
+  waves = np.zeros((len(js), shapes.n_samples), np.float32)
+  fallback = []
+  for k, j in enumerate(js):
+    r = split.record(j)
+    e = by_name.get(r['name'])
+    try:
+      if e is None:
+        raise audio_io.BadAudio('not in source')
+      waves[k], _ = audio_io.load_clip(e.load, sr, shapes.n_samples, float('-inf'))
+    except Exception:
+      fallback.append((k, r['spec']))
+  if fallback:
+    specs = np.stack([s for _, s in fallback])
+    gl = np.asarray(griffin_lim.to_audio(jnp.asarray(specs), config.spectrogram))
+    for (k, _), w in zip(fallback, gl):
+      waves[k] = w[:shapes.n_samples]
+  return waves
+
+
+# --- metrics -----------------------------------------------------------------------------------
+
+
+def _safe(fn, *args, **kw):
+  """A metric that is undefined for these inputs (e.g. < 2 points) is NaN, not a crash."""
+  try:
+    return float(fn(*args, **kw))
+  except ValueError:
+    return float('nan')
+
+
+def set_metrics(config, x, train, prefix, pitch_lo):
+  """Every generator metric of set `x` (generated or held-out real) against `train`."""
+  ev = config.evaluate
+  c = float(ev.kid_c)
+  out = {}
+  out['pis'] = _safe(M.inception_score, x['probs_pitch'])
+  out['iis'] = _safe(M.inception_score, x['probs_instrument'])
+  out['pkid'] = _safe(M.kid, x['emb_pitch'], train['emb_pitch'], c=c)
+  out['ikid'] = _safe(M.kid, x['emb_instrument'], train['emb_instrument'], c=c)
+  out['fad_clf_pitch'] = _safe(M.frechet_distance, x['emb_pitch'], train['emb_pitch'])
+  out['fad_clf_instrument'] = _safe(M.frechet_distance, x['emb_instrument'],
+                                    train['emb_instrument'])
+  k = min(int(ev.ndb_bins), len(train['feat']))
+  try:
+    r = M.ndb(train['feat'], x['feat'], k=k, alpha=float(ev.alpha), seed=int(config.seed))
+    out['ndb_k'], out['ndb_js'] = float(r['ndb_k']), float(r['js'])
+  except ValueError:
+    out['ndb_k'] = out['ndb_js'] = float('nan')
+  out['clf_pitch_match'] = float(np.mean(x['probs_pitch'].argmax(1) == x['pitch'] - pitch_lo))
+  out['clf_instrument_match'] = float(np.mean(x['probs_instrument'].argmax(1) == x['instrument']))
+  return {prefix + k: v for k, v in out.items()}
+
+
+def _pitch(waves, sr, midi, prefix):
+  if len(waves) == 0:
+    return {f'{prefix}pitch_{k}': float('nan') for k in ('exact', 'within_semitone', 'detected')}
+  r = M.pitch_accuracy(waves, sr, midi)
+  return {f'{prefix}pitch_exact': r['exact'], f'{prefix}pitch_within_semitone': r['within_semitone'],
+          f'{prefix}pitch_detected': r['detected']}
+
+
+def _weighted(parts):
+  """Chunk means -> the mean over all notes (chunks weighted by their size)."""
+  total = sum(n for n, _ in parts)
+  return {k: float(sum(n * d[k] for n, d in parts) / total) for k in parts[0][1]}
+
+
+def _nn(query, train_feat, mean):
+  return M.nearest_neighbours(query - mean, train_feat - mean)
+
+
+def compute(config, workdir, mesh=None, log=print):
+  """All metrics plus what the report needs; trains nothing (classifiers must exist)."""
+  shapes = config_lib.derive(config)
+  mesh = mesh or partitioning.make_mesh(config)
+  vocab = pipeline.load_manifest(common.data_dir(workdir))['vocab']
+  sr = int(config.spectrogram.sample_rate)
+  t0 = time.time()
+  feat = Featuriser(config, workdir, mesh)
+  train_split = RealSplit(config, workdir, 'train')
+  test_split = RealSplit(config, workdir, 'test')
+  train = real_features(feat, train_split)
+  test = real_features(feat, test_split, recon=True)
+  log(f'[evaluate] real features: {len(train_split)} train, {len(test_split)} test notes '
+      f'({time.time() - t0:.1f}s)')
+
+  entries, gpitch, ginst = load_samples(config, workdir, vocab)
+  if not entries:
+    raise ValueError(f'{workdir}/samples/samples.json lists no samples; nothing to evaluate.')
+  parts, pyin_parts, bad = [], [], 0
+  for i in range(0, len(entries), CHUNK):  # streamed: 10 000 NSynth-sized notes fit in memory
+    waves, b = load_waves(config, workdir, entries[i:i + CHUNK])
+    bad += b
+    parts.append(feat(spec_lib.spectrogram(waves, config.spectrogram)))
+    pyin_parts.append((len(waves), _pitch(waves, sr, gpitch[i:i + CHUNK], '')))
+  gen = _concat(parts)
+  gen.update(pitch=gpitch, instrument=ginst)
+
+  out = {}
+  out.update(set_metrics(config, gen, train, '', shapes.pitch_lo))
+  out.update(set_metrics(config, test, train, 'real_', shapes.pitch_lo))
+  out.update(_weighted(pyin_parts))
+  # pyin costs ~0.1-1 s a note: score an evenly spread subset of the held-out notes.
+  sel = np.unique(np.linspace(0, len(test_split) - 1, min(len(test_split), PYIN_REAL_MAX))
+                  .round().astype(int))
+  n_pyin = len(sel)
+  real_parts = []
+  for i in range(0, n_pyin, CHUNK):
+    js = sel[i:i + CHUNK]
+    real_parts.append((len(js), _pitch(source_audio(config, test_split, js), sr,
+                                       test['pitch'][js], 'real_')))
+  out.update(_weighted(real_parts))
+  mean = train['feat'].mean(0)
+  g_idx, g_dist = _nn(gen['feat'], train['feat'], mean)
+  _, r_dist = _nn(test['feat'], train['feat'], mean)
+  out['nn_dist_generated'] = float(g_dist.mean())
+  out['nn_dist_real'] = float(r_dist.mean())
+  out['mse'] = float(test['sq_err'].mean())
+  out['mae'] = float(test['abs_err'].mean())
+  out['acc_pitch_classifier'] = out['real_clf_pitch_match']
+  out['acc_instrument_classifier'] = out['real_clf_instrument_match']
+  out['num_generated'] = len(entries)
+  out['num_generated_unreadable'] = bad
+  out['num_real_train'] = len(train_split)
+  out['num_real_test'] = len(test_split)
+  out['num_real_pitch'] = n_pyin
+  log(f'[evaluate] metrics computed ({time.time() - t0:.1f}s)')
+
+  extras = {'entries': entries, 'pitch': gpitch,
+            'instrument': ginst, 'nn_idx': g_idx, 'nn_dist': g_dist, 'train_split': train_split,
+            'vocab': vocab[config.data.instrument_label], 'workdir': workdir}
+  return out, extras
+
+
+def grid_cells(config, extras):
+  """At most report_grid pitches x instruments, each the first sample of that pair, with its
+  nearest training note (spectrogram + audio)."""
+  g = max(1, int(config.evaluate.report_grid))
+  pitch, inst = extras['pitch'], extras['instrument']
+
+  def pick(values):
+    u = np.unique(values)
+    if len(u) > g:
+      u = u[np.unique(np.round(np.linspace(0, len(u) - 1, g)).astype(int))]
+    return [int(v) for v in u]
+  ps, ins = pick(pitch), pick(inst)
+  chosen = {}
+  for i, (p, q) in enumerate(zip(pitch, inst)):
+    if int(p) in ps and int(q) in ins and (int(p), int(q)) not in chosen:
+      chosen[(int(p), int(q))] = i
+  split = extras['train_split']
+  order = sorted(chosen.items())
+  nn_js = [int(extras['nn_idx'][i]) for _, i in order]
+  nn_waves = source_audio(config, split, nn_js) if nn_js else []
+  gen_waves, _ = load_waves(config, extras['workdir'], [extras['entries'][i] for _, i in order])
+  cells = {}
+  for ((p, q), i), j, w, gw in zip(order, nn_js, nn_waves, gen_waves):
+    r = split.record(j)
+    cells[(p, q)] = {
+        'file': extras['entries'][i]['file'], 'spec': spec_lib.spectrogram(gw, config.spectrogram),
+        'wave': gw, 'seed': extras['entries'][i].get('seed'),
+        'nn': {'name': r['name'], 'spec': r['spec'], 'wave': w,
+               'dist': float(extras['nn_dist'][i])}}
+  return {'pitches': ps, 'instruments': [extras['vocab'][q] for q in ins],
+          'instrument_ids': ins, 'cells': cells}
+
+
+def _json_value(v):
+  if isinstance(v, float) and not math.isfinite(v):
+    return None  # JSON has no NaN; null = undefined for these inputs
+  return v
+
+
+def run(config, workdir, log=print):
+  edir = eval_dir(workdir)
+  fp = fingerprint(config, workdir)
+  common.claim(edir, fp, NAME)
+  for t in classifiers.TARGETS:
+    classifiers.train(config, workdir, t, log=log)
+  mesh = partitioning.make_mesh(config)
+  out, extras = compute(config, workdir, mesh, log=log)
+  if jax.process_index() == 0:
+    tmp = os.path.join(edir, 'metrics.json.tmp')
+    with open(tmp, 'w') as f:
+      json.dump({k: _json_value(v) for k, v in out.items()}, f, indent=1, sort_keys=True)
+    os.replace(tmp, os.path.join(edir, 'metrics.json'))
+    grid = grid_cells(config, extras)
+    report.write_report(config, workdir, out, grid)
+    common.mark_complete(edir, fp)
+  return out

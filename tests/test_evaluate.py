@@ -1,0 +1,150 @@
+"""The evaluate stage end to end on a small prepared workdir.
+
+"Generated" notes are real held-out notes written as wav: the generated metrics must then land
+on the real ceiling, and a collapsed set (one note repeated) must score worse.
+"""
+import json
+import math
+import os
+import shutil
+
+import numpy as np
+import pytest
+import soundfile as sf
+
+from mars_jax.data import audio_io, prepare, sources
+from mars_jax.evaluate import classifiers
+from mars_jax.stages import evaluate, tokenizer
+
+from tests.conftest import load_config
+
+KEYS = ('pis', 'iis', 'pkid', 'ikid', 'ndb_k', 'ndb_js', 'fad_clf_pitch', 'fad_clf_instrument',
+        'pitch_exact', 'pitch_within_semitone', 'pitch_detected', 'clf_pitch_match',
+        'clf_instrument_match')
+
+
+def small_config():
+  c = load_config('tiny')
+  c.data.pitch_range = (48, 59)
+  c.data.synthetic.per_pitch_family = 3
+  c.data.synthetic.test_fraction = 0.25
+  c.data.prepare_workers = 1
+  c.tokenizer.train.steps = 4
+  c.tokenizer.train.checkpoint_every = 4
+  c.tokenizer.train.eval_every = 4
+  c.classifier.train.steps = 60
+  c.classifier.train.checkpoint_every = 30
+  c.classifier.train.eval_every = 60
+  c.classifier.train.lr = 3e-3
+  c.evaluate.report_grid = 3
+  return c
+
+
+def write_samples(config, workdir, notes):
+  """notes: [(wave, pitch, instrument name)] -> DIR/samples/*.wav + samples.json."""
+  sdir = os.path.join(workdir, 'samples')
+  shutil.rmtree(sdir, ignore_errors=True)
+  os.makedirs(sdir)
+  entries = []
+  for i, (w, p, name) in enumerate(notes):
+    fn = f'{i:04d}.wav'
+    sf.write(os.path.join(sdir, fn), w, int(config.spectrogram.sample_rate), subtype='PCM_16')
+    entries.append({'file': fn, 'pitch': int(p), 'instrument': name, 'seed': i, 'cfg': 1.0,
+                    'top_k': 0, 'top_p': 1.0})
+  with open(os.path.join(sdir, 'samples.json'), 'w') as f:
+    json.dump(entries, f)
+
+
+def held_out_notes(config):
+  sr = int(config.spectrogram.sample_rate)
+  n = int(round(sr * config.spectrogram.duration))
+  out = []
+  for e in sources.get_source(config).examples('test'):
+    w, _ = audio_io.load_clip(e.load, sr, n)
+    out.append((w, e.labels['pitch'], e.labels[config.data.instrument_label]))
+  return out
+
+
+@pytest.fixture(scope='module')
+def workdir(tmp_path_factory):
+  """Prepared data + a briefly trained tokenizer, shared by the tests below."""
+  d = str(tmp_path_factory.mktemp('evalwd'))
+  c = small_config()
+  prepare.run(c, d, log=lambda *a: None)
+  untrained_tokenizer_checkpoint(c, d)
+  return d
+
+
+def untrained_tokenizer_checkpoint(config, workdir):
+  """evaluate only needs *a* tokenizer checkpoint (for mse/mae); training one is the tokenizer
+  tests' job, so save small random params in the layout restore_params reads (state/params)."""
+  import jax
+  from mars_jax.train import checkpoint, partitioning
+  shapes = tokenizer.config_lib.derive(config)
+  model = tokenizer.build_model(config, shapes)
+  x = np.zeros((1,) + shapes.image, np.float32)
+  rng = jax.random.PRNGKey(0)
+  shapes_only = jax.eval_shape(lambda r: model.init({'params': r, 'dropout': r}, x), rng)
+  gen = np.random.default_rng(0)  # jitting the real init costs ~50 s of compile on 2 cores
+  params = jax.tree.map(lambda a: (0.05 * gen.standard_normal(a.shape)).astype(a.dtype),
+                        partitioning.unbox(shapes_only['params']))
+  mngr = checkpoint.manager(checkpoint.ckpt_dir(os.path.join(workdir, 'tokenizer')))
+  checkpoint.save(mngr, 0, {'step': np.int32(0), 'params': params})
+  mngr.wait_until_finished()
+  mngr.close()
+
+
+def _clone(src, dst):
+  """A second workdir sharing the prepared data, tokenizer and trained classifiers."""
+  os.makedirs(os.path.join(dst, 'eval'))
+  for name in ('data', 'tokenizer'):
+    os.symlink(os.path.join(src, name), os.path.join(dst, name))
+  for t in classifiers.TARGETS:
+    shutil.copytree(classifiers.stage_dir(src, t), classifiers.stage_dir(dst, t))
+
+
+def test_metrics_real_notes_reach_the_ceiling_and_collapse_is_worse(workdir, tmp_path):
+  c = small_config()
+  notes = held_out_notes(c)
+  write_samples(c, workdir, notes)
+  assert not evaluate.is_complete(c, workdir)
+  evaluate.run(c, workdir, log=lambda *a: None)
+  assert evaluate.is_complete(c, workdir)
+  with open(os.path.join(workdir, 'eval', 'metrics.json')) as f:
+    m = json.load(f)
+  want = set(KEYS) | {'real_' + k for k in KEYS} | {
+      'mse', 'mae', 'nn_dist_generated', 'nn_dist_real', 'acc_pitch_classifier',
+      'acc_instrument_classifier', 'num_generated', 'num_real_train', 'num_real_test'}
+  assert want <= set(m), sorted(want - set(m))
+  bad = {k: v for k, v in m.items() if not (isinstance(v, (int, float)) and math.isfinite(v))}
+  assert not bad, bad
+  counts = prepare.load_manifest(workdir)['splits']
+  assert m['num_generated'] == len(notes) == counts['test']['count']
+  assert m['num_real_train'] == counts['train']['count']
+  assert m['num_real_test'] == counts['test']['count']
+  # Same notes, through wav files: the generated metrics equal the real ceiling.
+  assert m['pitch_within_semitone'] >= 0.9 and m['real_pitch_within_semitone'] >= 0.9
+  for k in ('pis', 'iis'):
+    assert abs(m[k] - m['real_' + k]) < 0.05 * m['real_' + k], (k, m[k], m['real_' + k])
+  assert abs(m['ndb_k'] - m['real_ndb_k']) <= 0.1
+  assert abs(m['nn_dist_generated'] - m['nn_dist_real']) < 0.05
+  assert m['acc_pitch_classifier'] > 1.5 / 12  # better than chance after a few steps
+  assert os.path.exists(os.path.join(workdir, 'report.html'))
+  # Skipped when complete; new samples invalidate.
+  for t in classifiers.TARGETS:
+    assert classifiers.is_trained(c, workdir, t)
+
+  write_samples(c, workdir, notes[:-1])  # new samples: the result no longer matches
+  assert not evaluate.is_complete(c, workdir)
+
+  other = str(tmp_path / 'collapsed')
+  _clone(workdir, other)
+  write_samples(c, other, [notes[0]] * len(notes))
+  evaluate.run(c, other, log=lambda *a: None)
+  with open(os.path.join(other, 'eval', 'metrics.json')) as f:
+    mc = json.load(f)
+  assert mc['ndb_k'] > m['ndb_k'] and mc['ndb_js'] > m['ndb_js'] + 0.1, (mc, m)
+  assert mc['pis'] < m['pis'] - 0.2 and mc['pis'] < 1.05
+  assert mc['pkid'] > m['pkid']
+  # The real ceiling does not depend on the samples.
+  assert mc['real_pis'] == pytest.approx(m['real_pis'])
