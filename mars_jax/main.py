@@ -122,9 +122,9 @@ def main(argv):
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
   if not _WORKDIR.value:
     raise app.UsageError('--workdir is required (the folder every stage writes into).')
+  logging.set_verbosity(logging.WARNING)  # orbax/grain INFO is noise; progress goes to stdout
   from mars_jax import distributed  # before anything touches a device
   distributed.maybe_initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
-  logging.set_verbosity(logging.WARNING)  # orbax/grain INFO is noise; progress goes to stdout
   _compilation_cache(_WORKDIR.value)
   try:
     run(_CONFIG.value, _WORKDIR.value, _STAGES.value, _FORCE.value)

@@ -11,6 +11,7 @@ set is O(N k D iters) and whose iteration count depends on the data.
 """
 from __future__ import annotations
 
+from mars_jax.bench import machine
 import datetime
 import os
 import platform
@@ -22,16 +23,7 @@ from mars_jax.evaluate import metrics as M
 
 
 def _machine():
-  cpu = platform.processor() or platform.machine()
-  try:
-    with open('/proc/cpuinfo') as f:
-      for line in f:
-        if line.startswith('model name'):
-          cpu = line.split(':', 1)[1].strip()
-          break
-  except OSError:
-    pass
-  return f'{cpu}, {os.cpu_count()} cores, Python {platform.python_version()}, numpy {np.__version__}'
+  return f'{machine.describe(with_jax=False)}, Python {platform.python_version()}, numpy {np.__version__}'
 
 
 def _time(fn, *args, **kw):

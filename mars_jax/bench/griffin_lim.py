@@ -6,6 +6,7 @@ convergence columns show they do the same work; the JAX compile time is reported
 Wall seconds and process CPU seconds are both given: on a shared machine CPU time is the
 steadier measure of work.
 """
+from mars_jax.bench.machine import describe
 import argparse
 import datetime
 import os
@@ -34,11 +35,7 @@ def notes(n, seed=0):
 
 
 def machine():
-  import jax
-  d = jax.devices()[0]
-  return (f'{platform.platform()}, {os.cpu_count()} CPUs, jax {jax.__version__} on '
-          f'{d.platform}:{getattr(d, "device_kind", "?")} x{jax.device_count()}, '
-          f'{datetime.date.today().isoformat()}, load average {os.getloadavg()[0]:.1f}')
+  return f'{platform.platform()}; {describe()}'
 
 
 def main(argv):

@@ -5,6 +5,7 @@ NSynth), reads it through `pipeline.make_iterator` (decode + CMX -> 64 x 64 x 64
 and prints batches/s per worker count as a markdown row.
 Run: python -m mars_jax.bench loader [--workers=0,2] [--batch=64] [--seconds=10]
 """
+from mars_jax.bench import machine
 import argparse
 import datetime
 import json
@@ -19,13 +20,7 @@ import numpy as np
 
 
 def _machine() -> str:
-  cpu = platform.processor() or platform.machine()
-  try:
-    with open('/proc/cpuinfo') as f:
-      cpu = next(l.split(':', 1)[1].strip() for l in f if l.startswith('model name'))
-  except (OSError, StopIteration):
-    pass
-  return f'{cpu}, {os.cpu_count()} cores'
+  return machine.describe(with_jax=False)
 
 
 def write_dataset(root, config, n):

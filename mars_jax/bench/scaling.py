@@ -10,6 +10,7 @@ Simulated devices share this machine's cores, so step time grows with N: the tab
 sharded program is correct at every size, not how fast a pod would be.
 Run: python -m mars_jax.bench scaling [--devices=1,2,4,8] [--per_device_batch=2] [--steps=6]
 """
+from mars_jax.bench import machine
 import argparse
 import datetime
 import json
@@ -23,8 +24,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 
 
 def _machine() -> str:
-  from mars_jax.bench.loader import _machine as machine
-  return machine()
+  return machine.describe(with_jax=False)
 
 
 class RandomBatches:

@@ -25,6 +25,7 @@ _init_fn, _step_fn) and jits the step exactly as `engine.train` does.
 """
 from __future__ import annotations
 
+from mars_jax.bench import machine as machine_lib
 import argparse
 import datetime
 import importlib.util
@@ -72,17 +73,9 @@ def load_config(name):
 
 def machine() -> dict:
   import jax
-  cpu = platform.processor() or platform.machine()
-  try:
-    with open('/proc/cpuinfo') as f:
-      cpu = next(l.split(':', 1)[1].strip() for l in f if l.startswith('model name'))
-  except (OSError, StopIteration):
-    pass
+  cpu = machine_lib.cpu_name()
   dev = jax.devices()[0]
-  try:
-    load = '/'.join(f'{v:.2f}' for v in os.getloadavg())
-  except OSError:
-    load = 'n/a'
+  load = machine_lib.load_average()
   return {'cpu': cpu, 'cpu_count': os.cpu_count(), 'backend': jax.default_backend(),
           'device_kind': dev.device_kind, 'num_devices': jax.device_count(),
           'jax': jax.__version__, 'loadavg': load, 'date': str(datetime.date.today())}
