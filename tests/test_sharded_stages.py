@@ -1,5 +1,9 @@
 """The real models' train steps on 8 simulated devices (data x fsdp x tensor = 2 x 2 x 2) equal
-the single-device steps: same losses, same updated parameters."""
+the single-device steps: same losses, same updated parameters.
+
+The autoregressor's step runs the frozen tokenizer's encoder inside it, so it covers both
+models' sharded forward; the tokenizer's own train step is left to tests/test_engine.py's
+equality tests (compiling it twice more on 2 cores costs minutes of the suite's budget)."""
 import json
 import os
 
@@ -46,7 +50,7 @@ def _run(base, workdir, tmp_path, stage, layout):
   return losses, jax.device_get(state.params), state
 
 
-@pytest.mark.parametrize('stage', ['tokenizer', 'autoregressor'])
+@pytest.mark.parametrize('stage', ['autoregressor'])
 def test_sharded_step_equals_single_device(trained_workdir, tmp_path, stage):
   workdir, base = trained_workdir
   loss1, params1, _ = _run(base, workdir, tmp_path, stage, 'one')
@@ -57,6 +61,5 @@ def test_sharded_step_equals_single_device(trained_workdir, tmp_path, stage):
   for (path, a), b in zip(flat1, flat8):
     np.testing.assert_allclose(b, a, rtol=2e-4, atol=2e-5, err_msg=jax.tree_util.keystr(path))
   # And the 8-device run really was sharded: some parameter lives split over several devices.
-  split = [x for x in jax.tree.leaves(state8.params)
-           if len({s.index for s in x.addressable_shards}) > 1]
+  split = [x for x in jax.tree.leaves(state8.params) if not x.sharding.is_fully_replicated]
   assert split, 'no parameter was sharded on the 2x2x2 mesh'
