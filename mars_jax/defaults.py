@@ -90,6 +90,8 @@ def get_config():
   c.tokenizer.vq_weight = 1.0
   c.tokenizer.gan_weight = 0.0       # 0 disables the hinge-GAN
   c.tokenizer.gan_start = 0
+  c.tokenizer.disc_channels = 64     # patch discriminator width
+  c.tokenizer.disc_layers = 0        # 0 = as many as the image allows (at most VQGAN's 3)
   c.tokenizer.train = _train(steps=100_000, batch_size=64, lr=2e-4)
 
   # --- scale autoregressor ------------------------------------------------

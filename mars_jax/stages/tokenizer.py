@@ -13,12 +13,15 @@ from mars_jax.audio import griffin_lim
 from mars_jax.data import pipeline
 from mars_jax.evaluate import images
 from mars_jax.models import quantizer as quant_lib
-from mars_jax.models.tokenizer import Tokenizer, tokenizer_loss
+from mars_jax.models.tokenizer import (PatchDiscriminator, Tokenizer, adaptive_gan_weight,
+                                       hinge_d_loss, hinge_g_loss, tokenizer_loss)
 from mars_jax.stages import common
 from mars_jax.train import checkpoint, engine, partitioning
 
 NAME = 'tokenizer'
 RESEED_EVERY = 50  # steps over which a code must go unused to count as dead
+# The decoder's last layer, where VQGAN's adaptive GAN weight compares gradient norms.
+LAST_LAYER = ('decoder', 'conv_out', 'Conv_0', 'kernel')
 
 
 def build_model(config, shapes=None):
@@ -27,20 +30,117 @@ def build_model(config, shapes=None):
   return Tokenizer.from_config(config.tokenizer, shapes, dtype=dtype)
 
 
+def gan_enabled(config) -> bool:
+  """tokenizer.gan_weight > 0 turns the hinge-GAN on (params become {'tokenizer', 'discriminator'})."""
+  return float(config.tokenizer.gan_weight) > 0
+
+
+def build_discriminator(config, shapes=None):
+  """The PatchGAN discriminator. Optional config keys: tokenizer.disc_channels (default 64, VQGAN's
+  ndf) and tokenizer.disc_layers (default 0 = the most layers, up to VQGAN's 3, that still leave at
+  least 2x2 logits on the CMX image)."""
+  shapes = shapes or config_lib.derive(config)
+  tcfg = config.tokenizer
+  dtype = jnp.bfloat16 if tcfg.train.compute_dtype == 'bfloat16' else jnp.float32
+  layers = int(tcfg.get('disc_layers', 0) or 0)
+  if layers <= 0:
+    side = min(shapes.image[0], shapes.image[1])
+    layers = 3
+    while layers > 1 and side // 2 ** layers - 2 < 2:
+      layers -= 1
+  return PatchDiscriminator(channels=int(tcfg.get('disc_channels', 64)), num_layers=layers,
+                            dtype=dtype)
+
+
+def tokenizer_params(config, params):
+  """The tokenizer's own params out of the stage's params tree (which holds the discriminator
+  too when the GAN is on)."""
+  return params['tokenizer'] if gan_enabled(config) else params
+
+
+def _get(tree, path):
+  for k in path:
+    tree = tree[k]
+  return tree
+
+
+def _set(tree, path, value):
+  if not path:
+    return value
+  return {**tree, path[0]: _set(tree[path[0]], path[1:], value)}
+
+
 def make_task(config, shapes=None):
-  """The tokenizer as an engine Task; dead-code re-seeding is a non-gradient after_step."""
+  """The tokenizer as an engine Task; dead-code re-seeding is a non-gradient after_step.
+
+  With tokenizer.gan_weight > 0 the params are {'tokenizer': ..., 'discriminator': ...} and the one
+  loss is  rec + vq + [step >= gan_start] * (lambda * g_loss + d_loss), where the discriminator sees
+  sg(recon) in d_loss and the generator sees sg(discriminator params) in g_loss, so one backward
+  pass (one optimizer) trains both; lambda = gan_weight * VQGAN's adaptive weight (stop-gradient).
+  """
   shapes = shapes or config_lib.derive(config)
   model = build_model(config, shapes)
   tcfg = config.tokenizer
+  gan = gan_enabled(config)
+  disc = build_discriminator(config, shapes) if gan else None
+  tok = functools.partial(tokenizer_params, config)
 
   def init(rng, batch):
-    return model.init({'params': rng, 'dropout': rng}, batch['image'])['params']
+    params = model.init({'params': rng, 'dropout': rng}, batch['image'])['params']
+    if not gan:
+      return params
+    d_params = disc.init(jax.random.fold_in(rng, 0xD15C), batch['image'])['params']
+    return {'tokenizer': params, 'discriminator': d_params}
 
-  def loss(params, batch, rng, step):
+  def plain_loss(params, batch, rng, step):
     recon, aux = model.apply({'params': params}, batch['image'], train=True,
                              rngs={'dropout': rng})
     value, metrics = tokenizer_loss(recon, batch['image'], aux, tcfg)
     return value, metrics, {'counts': aux['code_counts'].sum(0), 'pool': aux['residuals']}
+
+  def gan_loss(params, batch, rng, step):
+    t_params, d_params = params['tokenizer'], params['discriminator']
+    x = batch['image'].astype(jnp.float32)
+
+    def forward(last):  # the decoder's last kernel as an explicit input: its grads are one VJP
+      return model.apply({'params': _set(t_params, LAST_LAYER, last)}, batch['image'],
+                         train=True, rngs={'dropout': rng})
+
+    recon, last_vjp, aux = jax.vjp(forward, _get(t_params, LAST_LAYER), has_aux=True)
+    recon = recon.astype(jnp.float32)
+    value, metrics = tokenizer_loss(recon, x, aux, tcfg)
+
+    def rec_fn(r):  # the reconstruction part of tokenizer_loss (VQGAN's nll_loss)
+      return tcfg.l1_weight * jnp.mean(jnp.abs(r - x)) + tcfg.l2_weight * jnp.mean(
+          jnp.square(r - x))
+
+    frozen_d = jax.lax.stop_gradient(d_params)
+
+    def g_fn(r):  # generator hinge term; the discriminator is a constant here
+      return hinge_g_loss(disc.apply({'params': frozen_d}, r))
+
+    d_rec = jax.grad(rec_fn)(recon)
+    g_loss, d_gan = jax.value_and_grad(g_fn)(recon)
+    (rec_last,) = last_vjp(jax.lax.stop_gradient(d_rec))
+    (gan_last,) = last_vjp(jax.lax.stop_gradient(d_gan))
+    lam = adaptive_gan_weight(jnp.linalg.norm(rec_last.astype(jnp.float32)),
+                              jnp.linalg.norm(gan_last.astype(jnp.float32))) * tcfg.gan_weight
+    lam = jax.lax.stop_gradient(lam)
+
+    # Discriminator on real and sg(fake) in one call: no gradient reaches the tokenizer.
+    n = x.shape[0]
+    logits = disc.apply({'params': d_params},
+                        jnp.concatenate([x, jax.lax.stop_gradient(recon)], axis=0))
+    logits_real, logits_fake = logits[:n], logits[n:]
+    d_loss = hinge_d_loss(logits_real, logits_fake)
+
+    active = jnp.asarray(step) >= tcfg.gan_start
+    total = value + jnp.where(active, lam * g_loss + d_loss, 0.0)
+    metrics = dict(metrics, rec_loss=rec_fn(recon), gan_g=g_loss, gan_d=d_loss,
+                   gan_weight_adaptive=lam, gan_active=active.astype(jnp.float32),
+                   logits_real=jnp.mean(logits_real), logits_fake=jnp.mean(logits_fake))
+    metrics['loss'] = total
+    return total, metrics, {'counts': aux['code_counts'].sum(0), 'pool': aux['residuals']}
 
   def init_extra(rng, params):
     return {'counts': jnp.zeros((tcfg.codebook_size,), jnp.float32),
@@ -50,14 +150,16 @@ def make_task(config, shapes=None):
     counts = extra['counts'] + aux['counts']
     since = extra['since'] + 1
     due = since >= RESEED_EVERY
-    codebook = params['quantizer']['codebook']
+    t_params = tok(params)
+    codebook = t_params['quantizer']['codebook']
     reseeded = quant_lib.reseed_dead_codes(codebook, counts, aux['pool'], rng)
-    params = {**params, 'quantizer': {**params['quantizer'],
-                                      'codebook': jnp.where(due, reseeded, codebook)}}
+    t_params = {**t_params, 'quantizer': {**t_params['quantizer'],
+                                          'codebook': jnp.where(due, reseeded, codebook)}}
+    params = {**params, 'tokenizer': t_params} if gan else t_params
     return params, {'counts': jnp.where(due, 0.0, counts), 'since': jnp.where(due, 0, since)}
 
   def eval_fn(params, batch):
-    recon, _ = model.apply({'params': params}, batch['image'])
+    recon, _ = model.apply({'params': tok(params)}, batch['image'])
     mask = batch['mask'].astype(jnp.float32)
     n = jnp.maximum(mask.sum(), 1.0)
     err = recon - batch['image']
@@ -65,7 +167,7 @@ def make_task(config, shapes=None):
             'mae': jnp.sum(jnp.mean(jnp.abs(err), axis=(1, 2, 3)) * mask) / n}
 
   reseed = tcfg.dead_code_reseed
-  return engine.Task(init=init, loss=loss, eval_fn=eval_fn,
+  return engine.Task(init=init, loss=gan_loss if gan else plain_loss, eval_fn=eval_fn,
                      init_extra=init_extra if reseed else None,
                      after_step=after_step if reseed else None,
                      cast_params=False), model
@@ -124,7 +226,9 @@ def run(config, workdir):
   tc = config.tokenizer.train
   task, model = make_task(config, shapes)
   examples = _eval_examples(config, workdir)
-  task = engine.Task(**{**task.__dict__, 'on_eval': make_on_eval(config, model, shapes, examples)})
+  on_eval = make_on_eval(config, model, shapes, examples)
+  task = engine.Task(**{**task.__dict__,
+                        'on_eval': lambda p, step, d: on_eval(tokenizer_params(config, p), step, d)})
   eval_bs = max(tc.batch_size // jax.process_count(), 1) * jax.process_count()
   state = engine.train(
       task, config, NAME, stage_dir,
@@ -135,11 +239,14 @@ def run(config, workdir):
 
 
 def load_params(config, workdir, mesh):
-  """The trained tokenizer's params (EMA when kept), sharded on `mesh`, and the model."""
+  """The trained tokenizer's params (EMA when kept), sharded on `mesh`, and the model.
+
+  With the GAN on, the checkpoint holds {'tokenizer', 'discriminator'}: the whole tree is restored
+  and only the tokenizer's part returned."""
   shapes = config_lib.derive(config)
   task, model = make_task(config, shapes)
   rows = max(mesh.size // jax.process_count(), 1)  # any batch the mesh can split; shapes only
   sample = {'image': np.zeros((rows,) + shapes.image, np.float32)}
   target = engine.abstract_params(task, config, mesh, sample)
   params = checkpoint.restore_params(checkpoint.ckpt_dir(_stage_dir(workdir)), target)
-  return params, model
+  return tokenizer_params(config, params), model
