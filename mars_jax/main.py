@@ -33,7 +33,9 @@ _CONFIG = config_flags.DEFINE_config_file(
     lock_config=True)
 _WORKDIR = flags.DEFINE_string('workdir', None, 'Output folder (see README: workdir layout).')
 _STAGES = flags.DEFINE_list('stages', ','.join(STAGES), f'Stages to run, a subset of {STAGES}.')
-_FORCE = flags.DEFINE_bool('force', False, 'Rerun stages even when their output is complete.')
+_FORCE = flags.DEFINE_bool(
+    'force', False, 'Run stages even when marked complete: prepare, sample and evaluate redo their '
+    'work; training stages resume from their last checkpoint (to retrain, delete DIR/<stage>).')
 _COORDINATOR = flags.DEFINE_string(
     'coordinator', None, 'host:port of process 0 for a multi-process run (env MARS_COORDINATOR); '
     'TPU pods and SLURM are detected without it.')
@@ -95,7 +97,7 @@ def run(config, workdir, stages=STAGES, force=False, out=print):
   for name in stages:
     stage = load_stage(name)
     if not force and stage.is_complete(config, workdir):
-      out(f'[{name}] complete and matching the config: skipped (use --force to rerun).')
+      out(f'[{name}] complete and matching the config: skipped (--force runs it anyway).')
       continue
     out(f'[{name}] starting')
     t0 = time.time()
