@@ -170,7 +170,12 @@ def test_from_config():
   cfg = _load_config('tiny')
   shapes = config_lib.derive(cfg)
   m = ar.from_config(cfg, shapes, num_instruments=4)
-  assert (m.width, m.heads, m.depth, m.vocab_size, m.code_dim) == (256, 4, 4, 256, 16)
+  # 0 means VAR's rule: width 64*depth, heads = depth; tiny sets both explicitly.
+  cfg_default = _load_config('tiny')
+  cfg_default.autoregressor.width = cfg_default.autoregressor.heads = 0
+  d = ar.from_config(cfg_default, shapes, num_instruments=4)
+  assert (d.width, d.heads) == (64 * d.depth, d.depth)
+  assert (m.width, m.heads, m.depth, m.vocab_size, m.code_dim) == (128, 4, 3, 256, 16)
   assert m.num_tokens == shapes.num_tokens == 85 and m.scales == (1, 2, 4, 8)
   z = jnp.zeros((2,), jnp.int32)
   abstract = jax.eval_shape(m.init, jax.random.key(0), z, z, jnp.zeros((2, 84, 16)))
@@ -178,8 +183,8 @@ def test_from_config():
   assert names['blocks']['attn']['qkv'] == jax.sharding.PartitionSpec(
       None, 'embed', None, 'heads', None)
   assert names['head']['kernel'] == jax.sharding.PartitionSpec('embed', 'vocab')
-  assert abstract['params']['pitch_embed'].value.shape == (shapes.num_pitches + 1, 256)
-  assert ar.init_cache(m, 3)['k'].shape == (4, 3, 4, 85, 64)
+  assert abstract['params']['pitch_embed'].value.shape == (shapes.num_pitches + 1, 128)
+  assert ar.init_cache(m, 3)['k'].shape == (3, 3, 4, 85, 32)
 
 
 def test_sharded_forward_matches(params):
