@@ -4,7 +4,6 @@
       [--stages=prepare,tokenizer] [--config.tokenizer.train.steps=100]
 """
 import importlib
-import json
 import os
 import pathlib
 import sys

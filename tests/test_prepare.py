@@ -1,7 +1,6 @@
 """The `prepare` stage: shards + manifest, bad-input rules, resumption, determinism."""
 import json
 import os
-import shutil
 
 import numpy as np
 import pytest

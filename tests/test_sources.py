@@ -1,6 +1,5 @@
 """Sources, synthetic notes and the audio loading rules, without running `prepare`."""
 import itertools
-import json
 import os
 
 import numpy as np

@@ -13,7 +13,6 @@ from mars_jax import main
 from mars_jax.models import sampling
 from mars_jax.models.tokenizer import Tokenizer
 from mars_jax.sample import Generator
-from mars_jax.stages import autoregressor as ar_stage
 from mars_jax.stages import sample as sample_stage
 from mars_jax.stages import tokenizer as tok_stage
 

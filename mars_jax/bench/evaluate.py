@@ -13,7 +13,6 @@ from __future__ import annotations
 
 from mars_jax.bench import machine
 import datetime
-import os
 import platform
 import time
 

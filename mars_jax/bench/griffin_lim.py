@@ -8,8 +8,6 @@ steadier measure of work.
 """
 from mars_jax.bench.machine import describe
 import argparse
-import datetime
-import os
 import platform
 import time
 
@@ -47,7 +45,6 @@ def main(argv):
   args = p.parse_args(argv)
   iters = [int(v) for v in args.iters.split(',')]
 
-  import jax
   import jax.numpy as jnp
   import librosa
   from mars_jax.audio import griffin_lim as gl

@@ -32,7 +32,6 @@ import importlib.util
 import inspect
 import json
 import os
-import platform
 import statistics
 import sys
 import time

@@ -100,20 +100,12 @@ def run(config, workdir):
   stage_dir = _stage_dir(workdir)
   fp = fingerprint(config)
   common.claim(stage_dir, fp, NAME)
-  data_dir = common.data_dir(workdir)
-  manifest = pipeline.load_manifest(data_dir)
-  tc = config.autoregressor.train
+  manifest = pipeline.load_manifest(common.data_dir(workdir))
   config_lib.validate_batch(config, NAME, jax.device_count(), jax.process_count())
   mesh = _mesh(config)
   tok_params, tok_model = tok_stage.load_params(config, workdir, mesh)
   task, _ = make_task(config, shapes, num_instruments(config, manifest), tok_model, tok_params)
-  eval_bs = max(tc.batch_size // jax.process_count(), 1) * jax.process_count()
-  state = engine.train(
-      task, config, NAME, stage_dir,
-      train_iter_fn=lambda: pipeline.make_iterator(config, data_dir, 'train',
-                                                   batch_size=tc.batch_size),
-      eval_iter_fn=lambda: pipeline.eval_batches(config, data_dir, 'valid', batch_size=eval_bs))
-  common.mark_complete(stage_dir, fp, step=int(jax.device_get(state.step)))
+  common.train_on_prepared(task, config, NAME, stage_dir, workdir, fp)
 
 
 def load_params(config, workdir, mesh, n_instruments):

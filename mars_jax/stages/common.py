@@ -54,3 +54,21 @@ def is_complete(stage_dir, fingerprint):
   except (OSError, ValueError):
     return False
   return m.get('complete', False) and m.get('fingerprint') == fingerprint
+
+
+def train_on_prepared(task, config, stage, stage_dir, workdir, fingerprint):
+  """Trains `task` with the engine on the prepared train split, evaluating on valid, then marks
+  `stage_dir` complete for `fingerprint`. Returns the final TrainState."""
+  import jax
+  from mars_jax.data import pipeline
+  from mars_jax.train import engine
+  ddir = data_dir(workdir)
+  batch = config[stage].train.batch_size
+  procs = jax.process_count()
+  eval_batch = max(batch // procs, 1) * procs
+  state = engine.train(
+      task, config, stage, stage_dir,
+      train_iter_fn=lambda: pipeline.make_iterator(config, ddir, 'train', batch_size=batch),
+      eval_iter_fn=lambda: pipeline.eval_batches(config, ddir, 'valid', batch_size=eval_batch))
+  mark_complete(stage_dir, fingerprint, step=int(jax.device_get(state.step)))
+  return state

@@ -1,6 +1,5 @@
 """`tokenizer` stage: trains the multi-scale VQ tokenizer on prepared CMX images."""
 import functools
-import json
 import os
 
 import jax
@@ -16,7 +15,7 @@ from mars_jax.models import quantizer as quant_lib
 from mars_jax.models.tokenizer import (PatchDiscriminator, Tokenizer, adaptive_gan_weight,
                                        hinge_d_loss, hinge_g_loss, tokenizer_loss)
 from mars_jax.stages import common
-from mars_jax.train import checkpoint, engine, partitioning
+from mars_jax.train import checkpoint, engine
 
 NAME = 'tokenizer'
 RESEED_EVERY = 50  # steps over which a code must go unused to count as dead
@@ -222,20 +221,12 @@ def run(config, workdir):
   stage_dir = _stage_dir(workdir)
   fp = fingerprint(config)
   common.claim(stage_dir, fp, NAME)
-  data_dir = common.data_dir(workdir)
-  tc = config.tokenizer.train
   task, model = make_task(config, shapes)
   examples = _eval_examples(config, workdir)
   on_eval = make_on_eval(config, model, shapes, examples)
   task = engine.Task(**{**task.__dict__,
                         'on_eval': lambda p, step, d: on_eval(tokenizer_params(config, p), step, d)})
-  eval_bs = max(tc.batch_size // jax.process_count(), 1) * jax.process_count()
-  state = engine.train(
-      task, config, NAME, stage_dir,
-      train_iter_fn=lambda: pipeline.make_iterator(config, data_dir, 'train',
-                                                   batch_size=tc.batch_size),
-      eval_iter_fn=lambda: pipeline.eval_batches(config, data_dir, 'valid', batch_size=eval_bs))
-  common.mark_complete(stage_dir, fp, step=int(jax.device_get(state.step)))
+  common.train_on_prepared(task, config, NAME, stage_dir, workdir, fp)
 
 
 def load_params(config, workdir, mesh):

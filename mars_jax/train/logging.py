@@ -13,7 +13,6 @@ import socket
 import struct
 import time
 
-from absl import logging
 
 # --- TensorBoard scalar events without dependencies --------------------------------------------
 
