@@ -5,6 +5,7 @@ One implementation serves `prepare` (numpy, in worker processes) and the model s
 Layout: frequency rows, time columns, (..., F, T) with F = n_fft/2 (Nyquist dropped)
 and T = samples/hop (last centred frame dropped).
 """
+import functools
 import math
 
 import numpy as np
@@ -22,10 +23,21 @@ def hann(n_fft, xp=np):
   return (0.5 - 0.5 * xp.cos(2 * math.pi * xp.arange(n_fft) / n_fft)).astype(xp.float32)
 
 
+@functools.lru_cache(maxsize=16)
 def frame_indices(n_samples, n_fft, hop):
-  """(frames+1, n_fft) sample indices into the centred, zero-padded signal."""
+  """(frames+1, n_fft) sample indices into the centred, zero-padded signal (cached: read-only)."""
   n_frames = 1 + n_samples // hop
-  return np.arange(n_fft)[None, :] + hop * np.arange(n_frames)[:, None]
+  idx = np.arange(n_fft)[None, :] + hop * np.arange(n_frames)[:, None]
+  idx.flags.writeable = False
+  return idx
+
+
+@functools.lru_cache(maxsize=16)
+def _scaled_window(n_fft):
+  """Hann window times 4/n_fft, so the FFT output needs no extra pass over it (numpy)."""
+  w = hann(n_fft) * np.float32(4.0 / n_fft)
+  w.flags.writeable = False
+  return w
 
 
 def stft(x, n_fft, hop):
@@ -38,14 +50,12 @@ def stft(x, n_fft, hop):
   xp = _xp(x)
   pad = [(0, 0)] * (x.ndim - 1) + [(n_fft // 2, n_fft // 2)]
   xpad = xp.pad(x.astype(xp.float32), pad)
-  frames = xpad[..., frame_indices(x.shape[-1], n_fft, hop)]  # (..., T+1, n_fft)
-  win = hann(n_fft, xp)
-  if xp is np:  # scipy's float32 rfft is ~3x faster than numpy's (prepare's hot spot)
+  if xp is np:  # prepare's hot path: strided view, cached window, scipy's faster float32 rfft
     import scipy.fft
-    spec = scipy.fft.rfft(frames * win, axis=-1)
-  else:
-    spec = xp.fft.rfft(frames * win, axis=-1)
-  return spec * (4.0 / n_fft)
+    frames = np.lib.stride_tricks.sliding_window_view(xpad, n_fft, axis=-1)[..., ::hop, :]
+    return scipy.fft.rfft(frames * _scaled_window(n_fft), axis=-1)  # (..., T+1, F+1)
+  frames = xpad[..., frame_indices(x.shape[-1], n_fft, hop)]  # (..., T+1, n_fft)
+  return xp.fft.rfft(frames * hann(n_fft, xp), axis=-1) * (4.0 / n_fft)
 
 
 def magnitude(x, n_fft, hop):
