@@ -97,6 +97,18 @@ def batch_sharding(mesh: Mesh) -> NamedSharding:
   return NamedSharding(mesh, P(BATCH_AXES))
 
 
+def _global_entries(local_batch: dict):
+  """(key, per-process numpy value, global shape) of each numeric batch entry; strings dropped."""
+  n_proc = jax.process_count()
+  for k, v in local_batch.items():
+    v = np.asarray(v)
+    if v.dtype.kind not in 'biufc':
+      continue
+    if v.ndim == 0:
+      raise ValueError(f'batch[{k!r}] is a scalar; every batch entry needs a leading example axis.')
+    yield k, v, (v.shape[0] * n_proc,) + v.shape[1:]
+
+
 def put_batch(local_batch: dict, mesh: Mesh) -> dict:
   """Per-process numpy batch -> global jax Arrays sharded over ('data', 'fsdp').
 
@@ -104,27 +116,12 @@ def put_batch(local_batch: dict, mesh: Mesh) -> dict:
   one process and for a multi-host pod. Non-numeric entries (e.g. strings) are dropped.
   """
   sharding = batch_sharding(mesh)
-  n_proc = jax.process_count()
-  out = {}
-  for k, v in local_batch.items():
-    v = np.asarray(v)
-    if v.dtype.kind not in 'biufc':
-      continue
-    if v.ndim == 0:
-      raise ValueError(f'batch[{k!r}] is a scalar; every batch entry needs a leading example axis.')
-    global_shape = (v.shape[0] * n_proc,) + v.shape[1:]
-    out[k] = jax.make_array_from_process_local_data(sharding, v, global_shape)
-  return out
+  return {k: jax.make_array_from_process_local_data(sharding, v, shape)
+          for k, v, shape in _global_entries(local_batch)}
 
 
 def abstract_batch(local_batch: dict, mesh: Mesh) -> dict:
   """ShapeDtypeStructs (global shapes, batch sharding) of a per-process batch, for lowering."""
   sharding = batch_sharding(mesh)
-  n_proc = jax.process_count()
-  out = {}
-  for k, v in local_batch.items():
-    v = np.asarray(v)
-    if v.dtype.kind not in 'biufc':
-      continue
-    out[k] = jax.ShapeDtypeStruct((v.shape[0] * n_proc,) + v.shape[1:], v.dtype, sharding=sharding)
-  return out
+  return {k: jax.ShapeDtypeStruct(shape, v.dtype, sharding=sharding)
+          for k, v, shape in _global_entries(local_batch)}
