@@ -87,7 +87,7 @@ if [[ "$DRY_RUN" != 1 ]]; then
 fi
 run "${gtpu[@]}" scp "$TARBALL" "$TPU_NAME:mars_jax-src.tar.gz" "${where[@]}" --worker=all
 install="mkdir -p mars_jax && tar -xzf mars_jax-src.tar.gz -C mars_jax && cd mars_jax"
-install+=" && python3 -m pip install -q -U '$JAX_SPEC' && python3 -m pip install -q -e ."
+install+=" && python3 -m pip install -q -U '$JAX_SPEC' && python3 -m pip install -q -e '.[gcs]'"
 run "${gtpu[@]}" ssh "$TPU_NAME" "${where[@]}" --worker=all --command="$install"
 
 # 3. The same command on every worker, at once.

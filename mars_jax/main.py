@@ -4,7 +4,6 @@
       [--stages=prepare,tokenizer] [--config.tokenizer.train.steps=100]
 """
 import importlib
-import os
 import pathlib
 import sys
 import time
@@ -15,6 +14,7 @@ from absl import logging
 from ml_collections import config_flags
 
 from mars_jax import config as config_lib
+from mars_jax import fs
 
 STAGES = ('prepare', 'tokenizer', 'autoregressor', 'sample', 'evaluate')
 # Each stage module has `run(config, workdir)` and `is_complete(config, workdir) -> bool`.
@@ -87,10 +87,10 @@ def run(config, workdir, stages=STAGES, force=False, out=print):
   main_process = distributed.is_main()
   if not main_process:
     out = lambda *a, **k: None
-  os.makedirs(workdir, exist_ok=True)
+  fs.check_workdir(workdir)
+  fs.makedirs(workdir)
   if main_process:
-    with open(os.path.join(workdir, 'config.json'), 'w') as f:
-      f.write(config.to_json_best_effort(indent=2))
+    fs.write_text(fs.join(workdir, 'config.json'), config.to_json_best_effort(indent=2))
   out(f'mars_jax: workdir {workdir}; spectrogram {shapes.spectrogram} -> image {shapes.image} '
       f'-> latent {shapes.latent}; scales {shapes.scales} ({shapes.num_tokens} tokens)')
   for name in stages:
@@ -114,7 +114,7 @@ def pipeline_errors():
 def _compilation_cache(workdir):
   """A persistent XLA cache in the workdir: restarts and later stages skip recompiling."""
   import jax
-  jax.config.update('jax_compilation_cache_dir', os.path.join(os.path.abspath(workdir), '.xla_cache'))
+  jax.config.update('jax_compilation_cache_dir', fs.join(fs.absolute(workdir), '.xla_cache'))
   jax.config.update('jax_persistent_cache_min_compile_time_secs', 1.0)
 
 
@@ -131,6 +131,9 @@ def main(argv):
     run(_CONFIG.value, _WORKDIR.value, _STAGES.value, _FORCE.value)
   except config_lib.ConfigError as e:
     print(f'config error: {e}', file=sys.stderr)
+    sys.exit(2)
+  except fs.WorkdirError as e:
+    print(f'error: {e}', file=sys.stderr)
     sys.exit(2)
   except StageNotImplemented as e:
     print(f'error: {e}', file=sys.stderr)

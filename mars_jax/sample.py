@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import functools
 import json
-import os
 
 import jax
 import jax.numpy as jnp
@@ -17,6 +16,7 @@ import ml_collections
 import numpy as np
 
 from mars_jax import config as config_lib
+from mars_jax import fs
 from mars_jax.audio import cmx as cmx_lib
 from mars_jax.audio import griffin_lim
 from mars_jax.data import pipeline
@@ -30,19 +30,17 @@ from mars_jax.train import partitioning
 
 def load_config(workdir):
   """The config a workdir was made with (written by the CLI as config.json)."""
-  path = os.path.join(workdir, 'config.json')
-  if not os.path.exists(path):
+  path = fs.join(workdir, 'config.json')
+  if not fs.exists(path):
     raise FileNotFoundError(f'{path} is missing: is {workdir} a mars_jax workdir? '
                             f'Pass config= explicitly otherwise.')
-  with open(path) as f:
-    return ml_collections.ConfigDict(json.load(f))
+  return ml_collections.ConfigDict(json.loads(fs.read_text(path)))
 
 
 def save_wav(path, wave, sample_rate):
-  """Writes 16-bit PCM, clipping to [-1, 1]."""
-  import soundfile as sf
-  sf.write(path, np.clip(np.asarray(wave, np.float32), -1.0, 1.0), int(sample_rate),
-           subtype='PCM_16')
+  """Writes 16-bit PCM, clipping to [-1, 1]; `path` may be local or gs://."""
+  fs.write_bytes(path, fs.wav_bytes(np.clip(np.asarray(wave, np.float32), -1.0, 1.0),
+                                    sample_rate))
 
 
 class Generator:

@@ -15,6 +15,7 @@ import pathlib  # noqa: E402
 import pytest  # noqa: E402
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / 'tests'))   # helper modules: fake_gcs, multihost_driver
 
 
 def pytest_configure(config):
@@ -63,9 +64,20 @@ def trained_workdir(tmp_path_factory):
   """A workdir through prepare, tokenizer, autoregressor and sample on the cut-down tiny config.
 
   Shared by the stage tests (and the evaluation tests) so the pipeline trains once a session.
+  It is trained at gs://mars-test/tiny on the offline stand-in for GCS (tests/fake_gcs.py): a
+  write that bypasses mars_jax.fs (os.path on a URI, an append, a rename) would land elsewhere or
+  fail, so the stage tests reading it also check the remote-workdir path. They get the local
+  folder behind the bucket. Returns (local workdir, config).
   """
+  import fake_gcs
   from mars_jax import main
-  workdir = str(tmp_path_factory.mktemp('tiny_workdir'))
+  root = tmp_path_factory.mktemp('bucket_root')
   config = small_tiny_config()
-  main.run(config, workdir, stages=('prepare', 'tokenizer', 'autoregressor', 'sample'))
-  return workdir, config
+  with pytest.MonkeyPatch.context() as mp:
+    seen = fake_gcs.use(root, mp)
+    main.run(config, 'gs://mars-test/tiny',
+             stages=('prepare', 'tokenizer', 'autoregressor', 'sample'))
+  assert seen['orbax'] and all(p.startswith('gs://mars-test/tiny/') for p in seen['orbax'])
+  assert seen['array_record']
+  assert not pathlib.Path('gs:').exists(), 'something wrote gs://... through os paths'
+  return str(root / 'mars-test' / 'tiny'), config

@@ -10,6 +10,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+import fake_gcs
+
 from mars_jax import defaults
 from mars_jax.config import ConfigError
 from mars_jax.train import checkpoint as ckpt
@@ -168,24 +170,28 @@ def assert_same_trace(got, want):
   np.testing.assert_allclose([t[2] for t in got], [t[2] for t in want], rtol=1e-6)
 
 
-def test_kill_and_resume_match_uninterrupted(tmp_path):
+def test_kill_and_resume_match_uninterrupted(tmp_path, monkeypatch):
   cfg = make_config(steps=8, mesh=(2, 4, 1), ema_decay=0.9)
   ref = _final(str(tmp_path / 'ref'), cfg)
   ref_trace = _trace(str(tmp_path / 'ref'))
   assert len(ref_trace) == 8
 
   # 1) a crash (exception from the data pipeline) while fetching batch 5: resume from step 4.
+  # In a bucket (the GCS stand-in): metrics.jsonl there is re-uploaded whole, never appended.
   def crash(n):
     if n == 5:
       raise RuntimeError('disk on fire')
-  d = str(tmp_path / 'crash')
+  fake_gcs.use(tmp_path / 'bucket', monkeypatch)
+  d = 'gs://mars-test/crash'
   with pytest.raises(RuntimeError, match='disk on fire'):
     _final(d, cfg, it_fn=lambda: Hooked(make_iter(), crash))
   assert ckpt.manager(ckpt.ckpt_dir(d)).latest_step() == 4
+  local = str(tmp_path / 'bucket' / 'mars-test' / 'crash')
+  assert [t[0] for t in _trace(local)] == [1, 2, 3, 4, 5]  # all logged before the crash, uploaded
   state = _final(d, cfg)
   assert_trees_close(state.params, ref.params, tol=1e-6)
   assert_trees_close(state.ema_params, ref.ema_params, tol=1e-6)
-  assert_same_trace(_trace(d), ref_trace)           # same batches, in the same order
+  assert_same_trace(_trace(local), ref_trace)       # same batches, in the same order
 
   # 2) SIGTERM mid-run (during batch 2, i.e. step 3): save at step 3, raise Preempted, resume.
   def term(n):

@@ -93,7 +93,7 @@ def test_tpu_dry_run():
   out = r.stdout
   assert ('gcloud compute tpus tpu-vm create t1 --project=proj --zone=us-east5-a '
           '--accelerator-type=v5p-128 --version=v2-alpha-tpuv5') in out
-  assert 'tpu-vm scp' in out and 'pip install -q -e .' in out
+  assert 'tpu-vm scp' in out and 'pip install -q -e' in out and '.[gcs]' in out
   assert out.count('--worker=all') == 3
   assert ('python3 -m mars_jax.main --config=configs/large.py --workdir=gs://bkt/mars_jax/large '
           '--config.data.path=gs://bkt/nsynth --config.autoregressor.train.steps=10') in out

@@ -25,6 +25,15 @@ def test_unknown_stage_is_rejected(tmp_path):
   assert r.returncode == 2 and "unknown ['train']" in r.stderr
 
 
+@pytest.mark.skipif(__import__('importlib').util.find_spec('gcsfs') is not None,
+                    reason='gcsfs is installed: the real bucket would be contacted')
+def test_bucket_workdir_without_gcsfs_exits_2_saying_what_to_install(tmp_path):
+  r = _cli('--workdir=gs://some-bucket/run', '--stages=prepare', cwd=tmp_path)
+  assert r.returncode == 2, r.stderr[-2000:]
+  assert 'gcsfs' in r.stderr and '.[gcs]' in r.stderr
+  assert list(tmp_path.iterdir()) == []   # nothing written locally under a 'gs:' folder
+
+
 def test_missing_stage_module_is_reported_not_crashed(monkeypatch):
   monkeypatch.setitem(main.STAGE_MODULES, 'evaluate', 'mars_jax.stages.no_such_stage')
   with pytest.raises(main.StageNotImplemented, match="stage 'evaluate' is not implemented"):

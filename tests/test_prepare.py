@@ -75,11 +75,18 @@ def _write_nsynth(root):
   return waves
 
 
-def test_prepare_nsynth_layout(tmp_path):
-  waves = _write_nsynth(tmp_path / 'nsynth')
+@pytest.mark.parametrize('where', ['folder', 'bucket'])
+def test_prepare_nsynth_layout(tmp_path, monkeypatch, where):
   c = load_config('tiny')   # 8 kHz: the 16 kHz files are resampled
   c.data.source = 'nsynth'
-  c.data.path = str(tmp_path / 'nsynth')
+  if where == 'bucket':     # NSynth copied to a bucket, read from there (the GCS stand-in)
+    import fake_gcs
+    fake_gcs.use(tmp_path, monkeypatch)
+    waves = _write_nsynth(tmp_path / 'corpus' / 'nsynth')
+    c.data.path = 'gs://corpus/nsynth'
+  else:
+    waves = _write_nsynth(tmp_path / 'nsynth')
+    c.data.path = str(tmp_path / 'nsynth')
   c.data.pitch_range = (48, 84)
   c.data.instrument_sources = ('acoustic',)
   c.data.velocities = (50, 100, 127)

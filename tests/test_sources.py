@@ -182,3 +182,36 @@ def test_load_clip_rules(tmp_path):
   w, fixes = audio_io.load_clip(lambda: (np.stack([tone[:100]] * 3, 1), 16000), sr, n)
   assert sorted(fixes) == ['downmixed', 'padded', 'resampled']
   assert audio_io.reason_kind('missing labels: pitch') == 'missing labels'
+
+
+def test_load_clip_reads_a_bucket_like_a_folder(tmp_path, monkeypatch):
+  """NSynth may sit in a bucket (data.path=gs://...): every rule gives the same wave or reason."""
+  import fake_gcs
+  fake_gcs.use(tmp_path / 'root', monkeypatch)
+  local = tmp_path / 'root' / 'b'
+  local.mkdir(parents=True)
+  sr, n = 8000, 8192
+  tone = (0.5 * np.sin(2 * np.pi * 440 * np.arange(n) / sr)).astype(np.float32)
+  _write(local / 'ok.wav', tone, sr)
+  _write(local / 'stereo_hi.wav', np.stack([tone, tone], 1), 16000)
+  raw = (local / 'ok.wav').read_bytes()
+  (local / 'trunc.wav').write_bytes(raw[:len(raw) // 2])
+  (local / 'empty.wav').write_bytes(b'')
+  (local / 'text.wav').write_text('not audio at all\n' * 50)
+  _write(local / 'zero.wav', 0 * tone, sr)
+
+  def result(p):
+    try:
+      return audio_io.load_clip(p, sr, n)
+    except audio_io.BadAudio as e:
+      return str(e).split(':')[0] + (': truncated' if 'truncated' in str(e) else '')
+
+  for name in ('ok.wav', 'stereo_hi.wav', 'trunc.wav', 'empty.wav', 'text.wav', 'zero.wav',
+               'missing.wav'):
+    want, got = result(str(local / name)), result(f'gs://b/{name}')
+    if isinstance(want, str):
+      assert got == want, name
+    else:
+      np.testing.assert_array_equal(got[0], want[0])
+      assert got[1] == want[1], name
+  assert result('gs://b/trunc.wav') == 'unreadable: truncated'

@@ -16,10 +16,13 @@ Rules (one per kind of bad input; `prepare` counts every skip and fix in the man
 """
 from __future__ import annotations
 
+import io
 import os
 import struct
 
 import numpy as np
+
+from mars_jax import fs
 
 FIXES = ('resampled', 'downmixed', 'padded', 'cropped')
 SKIP_KINDS = ('unreadable', 'non-finite', 'silent', 'missing labels')
@@ -43,46 +46,61 @@ def resample(wave, orig_sr, target_sr):
   return np.pad(y, (0, max(0, n - len(y))))[:n].astype(np.float32, copy=False)
 
 
-def _wav_truncated(path):
-  """For RIFF/WAVE files: a reason if the data chunk is cut short, else None."""
-  size = os.path.getsize(path)
-  with open(path, 'rb') as f:
-    head = f.read(12)
-    if len(head) < 12 or head[:4] != b'RIFF' or head[8:12] != b'WAVE':
-      return None  # not RIFF: leave it to libsndfile
-    pos = 12
-    while pos + 8 <= size:
-      f.seek(pos)
-      cid, n = struct.unpack('<4sI', f.read(8))
-      if cid == b'data':
-        if n in (0, 0xFFFFFFFF):  # streamed writers leave the size open
-          return None
-        have = size - pos - 8
-        if have < n:
-          return f'unreadable: truncated WAV ({have} of {n} data bytes)'
+def _wav_truncated(f, size):
+  """For RIFF/WAVE files: a reason if the data chunk is cut short, else None.
+
+  f: a seekable binary file of `size` bytes."""
+  head = f.read(12)
+  if len(head) < 12 or head[:4] != b'RIFF' or head[8:12] != b'WAVE':
+    return None  # not RIFF: leave it to libsndfile
+  pos = 12
+  while pos + 8 <= size:
+    f.seek(pos)
+    cid, n = struct.unpack('<4sI', f.read(8))
+    if cid == b'data':
+      if n in (0, 0xFFFFFFFF):  # streamed writers leave the size open
         return None
-      pos += 8 + n + (n & 1)
-    return 'unreadable: truncated WAV (no data chunk)'
+      have = size - pos - 8
+      if have < n:
+        return f'unreadable: truncated WAV ({have} of {n} data bytes)'
+      return None
+    pos += 8 + n + (n & 1)
+  return 'unreadable: truncated WAV (no data chunk)'
+
+
+def _open_audio(path):
+  """-> (seekable binary file, size). A bucket object (gs://) is read whole (one GET, a note is
+  ~100 KB); a local file is opened, so only what the clip uses is read."""
+  if fs.is_remote(path):
+    try:
+      blob = fs.read_bytes(path)
+    except FileNotFoundError:
+      raise BadAudio(f'unreadable: no such file {path}') from None
+    return io.BytesIO(blob), len(blob)
+  if not os.path.exists(path):
+    raise BadAudio(f'unreadable: no such file {path}')
+  return open(path, 'rb'), os.path.getsize(path)
 
 
 def _read_path(path, target_sr, n_samples):
   """-> (data (N, C) float32, sr, total frames); reads only what the clip can use."""
   import soundfile as sf
-  if not os.path.exists(path):
-    raise BadAudio(f'unreadable: no such file {path}')
-  if os.path.getsize(path) == 0:
-    raise BadAudio('unreadable: empty file (0 bytes)')
-  why = _wav_truncated(path)
-  if why:
-    raise BadAudio(why)
-  try:
-    with sf.SoundFile(path) as f:
-      sr, total = f.samplerate, f.frames
-      want = int(np.ceil(n_samples * sr / target_sr)) + 64  # margin for the resampler
-      data = f.read(frames=min(total, want), dtype='float32', always_2d=True)
-  except Exception as e:  # libsndfile raises LibsndfileError / RuntimeError / ValueError
-    msg = str(e).splitlines()[0] if str(e) else type(e).__name__
-    raise BadAudio(f'unreadable: {msg}') from e
+  f, size = _open_audio(path)
+  with f:
+    if size == 0:
+      raise BadAudio('unreadable: empty file (0 bytes)')
+    why = _wav_truncated(f, size)
+    if why:
+      raise BadAudio(why)
+    f.seek(0)
+    try:   # libsndfile reads a local path itself (faster than through a Python file)
+      with sf.SoundFile(f if fs.is_remote(path) else path) as snd:
+        sr, total = snd.samplerate, snd.frames
+        want = int(np.ceil(n_samples * sr / target_sr)) + 64  # margin for the resampler
+        data = snd.read(frames=min(total, want), dtype='float32', always_2d=True)
+    except Exception as e:  # libsndfile raises LibsndfileError / RuntimeError / ValueError
+      msg = str(e).splitlines()[0] if str(e) else type(e).__name__
+      raise BadAudio(f'unreadable: {msg}') from e
   return data, sr, total
 
 

@@ -11,12 +11,12 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 
 import grain
 import numpy as np
 
 from mars_jax import config as config_lib
+from mars_jax import fs
 from mars_jax.audio import cmx
 from mars_jax.data import records
 
@@ -33,12 +33,11 @@ class DataError(ValueError):
 
 def load_manifest(data_dir: str) -> dict:
   """Reads DIR/data/manifest.json, which the prepare stage writes last (so it means 'complete')."""
-  path = os.path.join(data_dir, MANIFEST)
-  if not os.path.exists(path):
+  path = fs.join(data_dir, MANIFEST)
+  if not fs.exists(path):
     raise DataError(f'no dataset manifest at {path}: run the prepare stage first '
                     f'(python -m mars_jax.main --stages=prepare ...).')
-  with open(path) as f:
-    return json.load(f)
+  return json.loads(fs.read_text(path))
 
 
 def _check_manifest(manifest: dict, shapes: config_lib.Shapes, config, data_dir: str,
@@ -46,7 +45,7 @@ def _check_manifest(manifest: dict, shapes: config_lib.Shapes, config, data_dir:
   """Validates the manifest against the config and the disk; returns the shard paths."""
   splits = manifest.get('splits', {})
   if split not in splits:
-    raise DataError(f'split {split!r} is not in {os.path.join(data_dir, MANIFEST)} '
+    raise DataError(f'split {split!r} is not in {fs.join(data_dir, MANIFEST)} '
                     f'(it has {sorted(splits)}); rerun the prepare stage.')
   got = tuple(int(v) for v in manifest['spectrogram']['shape'])
   want = tuple(shapes.spectrogram)
@@ -66,9 +65,9 @@ def _check_manifest(manifest: dict, shapes: config_lib.Shapes, config, data_dir:
       raise DataError(f'the prepared data hold pitches {mlo}..{mhi} (manifest vocab.pitch_range) '
                       f'outside the config data.pitch_range=({lo}, {hi}); rerun the prepare '
                       f'stage or widen data.pitch_range.')
-  paths = [os.path.join(data_dir, name) for name in splits[split]['shards']]
+  paths = [fs.join(data_dir, name) for name in splits[split]['shards']]
   for p in paths:
-    if not os.path.exists(p):
+    if not fs.exists(p):
       raise DataError(f'shard {p} is listed in the manifest for split {split!r} but is missing '
                       f'on disk; rerun the prepare stage.')
   if not paths or int(splits[split]['count']) == 0:
@@ -124,7 +123,12 @@ def _process(process_index, process_count):
 def _source(config, data_dir, split):
   shapes = config_lib.derive(config)
   paths = _check_manifest(load_manifest(data_dir), shapes, config, data_dir, split)
-  return grain.MapDataset.source(grain.sources.ArrayRecordDataSource(paths)), shapes
+  return grain.MapDataset.source(_array_records(paths)), shapes
+
+
+def _array_records(paths):
+  """Random access over the shards; ArrayRecord reads local paths and gs:// (array_record>=0.8)."""
+  return grain.sources.ArrayRecordDataSource([fs.absolute(p) for p in paths])
 
 
 def make_iterator(config, data_dir: str, split: str, *, batch_size: int, shuffle: bool = True,

@@ -26,6 +26,7 @@ import types
 
 import numpy as np
 
+from mars_jax import fs
 from mars_jax.config import ConfigError, derive, fingerprint
 
 FORMAT = 1
@@ -34,11 +35,11 @@ NSYNTH_NOTES = 305_979   # train 289,205 + valid 12,678 + test 4,096
 
 
 def data_dir(workdir):
-  return os.path.join(workdir, 'data')
+  return fs.join(workdir, 'data')
 
 
 def manifest_path(workdir):
-  return os.path.join(data_dir(workdir), 'manifest.json')
+  return fs.join(data_dir(workdir), 'manifest.json')
 
 
 # Fields that change how fast prepare runs or how audio is decoded later, not what it writes.
@@ -51,8 +52,7 @@ def config_hash(config) -> str:
 
 
 def load_manifest(workdir):
-  with open(manifest_path(workdir)) as f:
-    return json.load(f)
+  return json.loads(fs.read_text(manifest_path(workdir)))
 
 
 def is_complete(config, workdir) -> bool:
@@ -64,18 +64,12 @@ def is_complete(config, workdir) -> bool:
   if m.get('format') != FORMAT or m.get('config_hash') != config_hash(config):
     return False
   d = data_dir(workdir)
-  return all(os.path.exists(os.path.join(d, s))
+  return all(fs.exists(fs.join(d, s))
              for sp in m.get('splits', {}).values() for s in sp.get('shards', []))
 
 
 def _atomic_json(path, obj):
-  tmp = f'{path}.tmp-{os.getpid()}'
-  with open(tmp, 'w') as f:
-    json.dump(obj, f, indent=1, sort_keys=False)
-    f.write('\n')
-    f.flush()
-    os.fsync(f.fileno())
-  os.replace(tmp, path)
+  fs.write_text(path, json.dumps(obj, indent=1, sort_keys=False) + '\n')
 
 
 def _params(config, shapes):
@@ -116,15 +110,14 @@ def _plan(source, vocab, params, per_shard):
 
 def _shard_done(d, task):
   """The sidecar of a complete, matching shard, or None."""
-  path = os.path.join(d, task['stem'] + '.array_record')
+  path = fs.path(d) / (task['stem'] + '.array_record')
   try:
-    with open(os.path.join(d, task['stem'] + '.done.json')) as f:
-      done = json.load(f)
+    done = json.loads(fs.read_text(fs.join(d, task['stem'] + '.done.json')))
   except (OSError, ValueError):
     return None
-  if done.get('hash') != task['hash'] or not os.path.exists(path):
+  if done.get('hash') != task['hash'] or not path.exists():
     return None
-  if os.path.getsize(path) != done.get('bytes'):
+  if path.stat().length != done.get('bytes'):
     return None
   return done
 
@@ -149,14 +142,14 @@ def prepare_shard(task, params, d):
     fixed.update(fixes)
     spec = spectrogram(wave, spec_cfg).astype(dtype)
     out.append(records.encode(spec, labels, name))
-  path = os.path.join(d, task['stem'] + '.array_record')
-  count = records.write_shard(path, out)
-  done = {'hash': task['hash'], 'file': os.path.basename(path), 'count': count,
-          'bytes': os.path.getsize(path), 'fixed': dict(sorted(fixed.items())),
+  name = task['stem'] + '.array_record'
+  count, nbytes = records.write_shard(fs.join(d, name), out)
+  done = {'hash': task['hash'], 'file': name, 'count': count,
+          'bytes': nbytes, 'fixed': dict(sorted(fixed.items())),
           'skipped': skipped, 'clips': len(task['items']),
           'seconds': round(time.perf_counter() - t0, 3),
           'cpu_seconds': round(time.process_time() - c0, 3)}
-  _atomic_json(os.path.join(d, task['stem'] + '.done.json'), done)
+  _atomic_json(fs.join(d, task['stem'] + '.done.json'), done)
   return done
 
 
@@ -176,7 +169,7 @@ def _log(msg):
 
 def run(config, workdir, log=_log):
   """Prepares DIR/data for `config` (reusing matching shards); returns the manifest."""
-  from mars_jax.data import audio_io, sources
+  from mars_jax.data import sources
   shapes = derive(config)
   chash = config_hash(config)
   d = data_dir(workdir)
@@ -191,14 +184,15 @@ def run(config, workdir, log=_log):
   vocab = sources.vocab(source, config)
   params = _params(config, shapes)
   tasks = _plan(source, vocab, params, per_shard)
-  os.makedirs(d, exist_ok=True)
+  data = fs.makedirs(d)
   # Invalidate first: from here until the new manifest lands, the stage is incomplete.
-  if os.path.exists(manifest_path(workdir)):
-    os.remove(manifest_path(workdir))
+  manifest = fs.path(manifest_path(workdir))
+  if manifest.exists():
+    manifest.unlink()
   planned = {t['stem'] + ext for t in tasks for ext in ('.array_record', '.done.json')}
-  for fn in os.listdir(d):
-    if (SHARD_RE.match(fn) and fn not in planned) or '.tmp-' in fn:
-      os.remove(os.path.join(d, fn))
+  for f in data.iterdir():
+    if (SHARD_RE.match(f.name) and f.name not in planned) or '.tmp-' in f.name:
+      f.unlink()
   results, todo = {}, []
   for t in tasks:
     done = _shard_done(d, t)

@@ -6,8 +6,11 @@ and the raw spectrogram bytes. No pickle, so any reader can parse it.
 import json
 import os
 import struct
+import tempfile
 
 import numpy as np
+
+from mars_jax import fs
 
 LABELS = ('pitch', 'velocity', 'family', 'instrument')
 
@@ -30,16 +33,29 @@ def decode(record: bytes) -> dict:
   return out
 
 
-def write_shard(path: str, records) -> int:
-  """Writes `records` (bytes) to `path` atomically: a temp file renamed when complete."""
+def write_shard(path: str, records) -> tuple[int, int]:
+  """Writes `records` (bytes) to `path` whole or not at all -> (records, bytes written).
+
+  ArrayRecord writes only local files, so the shard is built in a local temp file, then renamed
+  into place (local workdir) or uploaded (gs://...).
+  """
   from array_record.python.array_record_module import ArrayRecordWriter
-  tmp = f'{path}.tmp-{os.getpid()}'
-  # snappy: ~5x cheaper to write and 3x to read than the zstd default, for ~1.4x the bytes.
-  writer = ArrayRecordWriter(tmp, 'group_size:1,snappy')
-  count = 0
-  for r in records:
-    writer.write(r)
-    count += 1
-  writer.close()
-  os.replace(tmp, path)
-  return count
+  if fs.is_remote(path):
+    fd, tmp = tempfile.mkstemp(suffix='.array_record')
+    os.close(fd)
+  else:
+    tmp = f'{path}.tmp-{os.getpid()}'
+  try:
+    # snappy: ~5x cheaper to write and 3x to read than the zstd default, for ~1.4x the bytes.
+    writer = ArrayRecordWriter(tmp, 'group_size:1,snappy')
+    count = 0
+    for r in records:
+      writer.write(r)
+      count += 1
+    writer.close()
+    nbytes = os.path.getsize(tmp)
+    fs.upload(tmp, path)
+  finally:
+    if os.path.exists(tmp):
+      os.remove(tmp)
+  return count, nbytes

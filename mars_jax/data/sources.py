@@ -16,6 +16,7 @@ import json
 import os
 from typing import Any, Callable, Union
 
+from mars_jax import fs
 from mars_jax.config import ConfigError
 from mars_jax.data import synthetic
 
@@ -110,11 +111,11 @@ class NSynthSource(Source):
     super().__init__(config)
     self.root = _require_dir(config, 'nsynth')
     for split in SPLITS:
-      d = os.path.join(self.root, f'nsynth-{split}')
-      if not os.path.isdir(d):
+      d = fs.join(self.root, f'nsynth-{split}')
+      if not fs.path(d).is_dir():
         raise ConfigError(f'data.path={self.root!r}: missing folder {d!r}. {NSYNTH_LAYOUT}')
-      if not os.path.isfile(os.path.join(d, 'examples.json')):
-        raise ConfigError(f'data.path={self.root!r}: missing {os.path.join(d, "examples.json")!r}.'
+      if not fs.exists(fs.join(d, 'examples.json')):
+        raise ConfigError(f'data.path={self.root!r}: missing {fs.join(d, "examples.json")!r}.'
                           f' {NSYNTH_LAYOUT}')
     bad = set(config.data.instrument_sources) - set(NSYNTH_SOURCES)
     if bad:
@@ -126,11 +127,10 @@ class NSynthSource(Source):
                         f'{synthetic.NSYNTH_FAMILIES}.')
 
   def _list(self, split):
-    d = os.path.join(self.root, f'nsynth-{split}')
-    path = os.path.join(d, 'examples.json')
+    d = fs.join(self.root, f'nsynth-{split}')
+    path = fs.join(d, 'examples.json')
     try:
-      with open(path) as f:
-        meta = json.load(f)
+      meta = json.loads(fs.read_text(path))
     except (OSError, ValueError) as e:
       raise ConfigError(f'data.path={self.root!r}: cannot read {path!r} ({e}). '
                         f'{NSYNTH_LAYOUT}') from e
@@ -152,11 +152,12 @@ class NSynthSource(Source):
           or not _keep(self.config, pitch, velocity)):
         filtered += 1
         continue
-      wav = os.path.join(d, 'audio', f'{m.get("note_str", note)}.wav')
-      out.append(Example(name=str(m.get('note_str', note)), split=split,
+      name = str(m.get('note_str', note))
+      out.append(Example(name=name, split=split,
                          labels={'pitch': pitch, 'velocity': velocity, 'family': family,
                                  'instrument': instrument},
-                         load=wav, key=os.path.relpath(wav, self.root)))
+                         load=fs.join(d, 'audio', f'{name}.wav'),
+                         key=f'nsynth-{split}/audio/{name}.wav'))   # relative: moves keep shards
     return out, skipped, filtered
 
 
@@ -316,6 +317,13 @@ def _require_dir(config, kind):
                       + (NSYNTH_LAYOUT if kind == 'nsynth' else
                          'set it to the folder holding the audio files and labels.csv.')
                       + " Or use data.source='synthetic' (built in, no download).")
+  if fs.is_remote(path):
+    if kind != 'nsynth':
+      raise ConfigError(f'data.path={path!r}: data.source={kind!r} reads a local folder; copy it '
+                        f'to local disk or mount the bucket (gcsfuse) and point data.path there.')
+    if not fs.path(path).is_dir():
+      raise ConfigError(f'data.path={path!r}: nothing there. {NSYNTH_LAYOUT}')
+    return path
   path = os.path.abspath(os.path.expanduser(path))
   if not os.path.isdir(path):
     raise ConfigError(f'data.path={config.data.path!r}: no such folder ({path}). '

@@ -8,7 +8,6 @@ change them, 'classifier' included).
 """
 from __future__ import annotations
 
-import os
 
 import jax
 import jax.numpy as jnp
@@ -16,6 +15,7 @@ import numpy as np
 import optax
 
 from mars_jax import config as config_lib
+from mars_jax import fs
 from mars_jax.data import pipeline
 from mars_jax.data import prepare
 from mars_jax.models.classifier import Classifier
@@ -26,7 +26,7 @@ TARGETS = ('pitch', 'instrument')
 
 
 def stage_dir(workdir, target):
-  return os.path.join(workdir, 'eval', f'{target}_classifier')
+  return fs.join(workdir, 'eval', f'{target}_classifier')
 
 
 def fingerprint(config, target):

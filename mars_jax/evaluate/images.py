@@ -30,10 +30,6 @@ def png_bytes(rgb):
           + chunk(b'IDAT', zlib.compress(raw, 6)) + chunk(b'IEND', b''))
 
 
-def spectrogram_png(spec, path=None):
-  """(F, T) normalised spectrogram -> PNG with low frequencies at the bottom; writes `path`."""
-  data = png_bytes(colourise(np.asarray(spec)[::-1]))
-  if path is not None:
-    with open(path, 'wb') as f:
-      f.write(data)
-  return data
+def spectrogram_png(spec) -> bytes:
+  """(F, T) normalised spectrogram -> PNG bytes, low frequencies at the bottom."""
+  return png_bytes(colourise(np.asarray(spec)[::-1]))

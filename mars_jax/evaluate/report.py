@@ -6,9 +6,7 @@ anywhere (mailed, attached to an issue). Training curves are inline SVG polyline
 from __future__ import annotations
 
 import base64
-import glob
 import html
-import io
 import json
 import math
 import os
@@ -16,6 +14,7 @@ import time
 
 import numpy as np
 
+from mars_jax import fs
 from mars_jax.evaluate import images
 
 IMG_SIDE = 256   # spectrogram PNGs are average-pooled to at most this many pixels a side
@@ -99,11 +98,8 @@ def png_uri(spec):
 
 def wav_uri(wave, sample_rate):
   """(N,) float wave -> data:audio/wav URI, 16-bit PCM (what every browser decodes)."""
-  import soundfile as sf
-  buf = io.BytesIO()
-  sf.write(buf, np.clip(np.asarray(wave, np.float32), -1.0, 1.0), int(sample_rate),
-           format='WAV', subtype='PCM_16')
-  return 'data:audio/wav;base64,' + base64.b64encode(buf.getvalue()).decode()
+  data = fs.wav_bytes(np.clip(np.asarray(wave, np.float32), -1.0, 1.0), sample_rate)
+  return 'data:audio/wav;base64,' + base64.b64encode(data).decode()
 
 
 # --- training curves ---------------------------------------------------------------------------
@@ -112,24 +108,23 @@ def wav_uri(wave, sample_rate):
 def load_curves(workdir):
   """{name: {series: [(step, value)]}} from DIR/*/metrics.jsonl and DIR/eval/*/metrics.jsonl."""
   order = {'tokenizer': 0, 'autoregressor': 1}  # pipeline order first, then the rest by name
-  paths = sorted(glob.glob(os.path.join(workdir, '*', 'metrics.jsonl'))
-                 + glob.glob(os.path.join(workdir, 'eval', '*', 'metrics.jsonl')),
-                 key=lambda p: (order.get(os.path.basename(os.path.dirname(p)), 2), p))
+  root = fs.path(workdir)
+  paths = sorted(list(root.glob('*/metrics.jsonl')) + list(root.glob('eval/*/metrics.jsonl')),
+                 key=lambda p: (order.get(p.parent.name, 2), os.fspath(p)))
   curves = {}
   for p in paths:
-    name = os.path.relpath(os.path.dirname(p), workdir)
+    name = os.fspath(p.parent)[len(os.fspath(root)):].strip('/')   # e.g. 'eval/pitch_classifier'
     series = {}
-    with open(p) as f:
-      for line in f:
-        try:
-          r = json.loads(line)
-          step = float(r['step'])
-        except (ValueError, KeyError, TypeError):
-          continue
-        for key in ('loss', 'eval/loss'):
-          v = r.get(key)
-          if isinstance(v, (int, float)) and math.isfinite(v):
-            series.setdefault(key, []).append((step, float(v)))
+    for line in p.read_text().splitlines():
+      try:
+        r = json.loads(line)
+        step = float(r['step'])
+      except (ValueError, KeyError, TypeError):
+        continue
+      for key in ('loss', 'eval/loss'):
+        v = r.get(key)
+        if isinstance(v, (int, float)) and math.isfinite(v):
+          series.setdefault(key, []).append((step, float(v)))
     if series:
       curves[name] = series
   return curves
@@ -265,11 +260,8 @@ evaluated.</p>
 
 def write_report(config, workdir, metrics, grid, path=None):
   """Renders DIR/report.html (atomically) and returns its path."""
-  path = path or os.path.join(workdir, 'report.html')
+  path = path or fs.join(workdir, 'report.html')
   page = render(metrics, load_curves(workdir), grid, int(config.spectrogram.sample_rate),
-                note=f'workdir {os.path.abspath(workdir)}; data.source={config.data.source}.')
-  tmp = path + '.tmp'
-  with open(tmp, 'w', encoding='utf-8') as f:
-    f.write(page)
-  os.replace(tmp, path)
+                note=f'workdir {fs.absolute(workdir)}; data.source={config.data.source}.')
+  fs.write_text(path, page)
   return path

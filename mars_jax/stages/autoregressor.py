@@ -5,13 +5,13 @@ the tokenizer's params, which the engine passes as `frozen` jit arguments. On th
 config this costs one encoder forward a step; precomputed token shards would save it
 at the price of a second dataset format and a re-run whenever the tokenizer changes.
 """
-import os
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from mars_jax import config as config_lib
+from mars_jax import fs
 from mars_jax.data import pipeline
 from mars_jax.models import autoregressor as ar
 from mars_jax.models.tokenizer import Tokenizer
@@ -76,7 +76,7 @@ def make_task(config, shapes, n_instruments, tok_model, tok_params=None):
 
 
 def _stage_dir(workdir):
-  return os.path.join(workdir, NAME)
+  return fs.join(workdir, NAME)
 
 
 def fingerprint(config):

@@ -1,11 +1,10 @@
 """What the training stages share: their folders, config fingerprints and completion markers."""
 import json
-import os
 
 from mars_jax import config as config_lib
 from mars_jax import distributed
+from mars_jax import fs
 from mars_jax.data import prepare
-
 
 
 def stage_fingerprint(config, *sections):
@@ -14,43 +13,38 @@ def stage_fingerprint(config, *sections):
 
 
 def data_dir(workdir):
-  return os.path.join(workdir, 'data')
+  return fs.join(workdir, 'data')
 
 
 def _marker(stage_dir):
-  return os.path.join(stage_dir, 'fingerprint.json')
+  return fs.join(stage_dir, 'fingerprint.json')
 
 
 def claim(stage_dir, fingerprint, stage):
   """Records which config owns `stage_dir`; refuses to resume checkpoints of another config."""
-  os.makedirs(stage_dir, exist_ok=True)
+  fs.makedirs(stage_dir)
   path = _marker(stage_dir)
-  if os.path.exists(path):
-    with open(path) as f:
-      old = json.load(f)
-    if old['fingerprint'] != fingerprint and os.path.isdir(os.path.join(stage_dir, 'checkpoints')):
+  if fs.exists(path):
+    old = json.loads(fs.read_text(path))
+    if old['fingerprint'] != fingerprint and fs.exists(fs.join(stage_dir, 'checkpoints')):
       raise config_lib.ConfigError(
           f'{stage_dir} holds {stage} checkpoints trained with another config '
           f'(fingerprint {old["fingerprint"]}, now {fingerprint}); use another --workdir, or '
           f'delete {stage_dir} to retrain.')
   if distributed.is_main():
-    with open(path, 'w') as f:
-      json.dump({'fingerprint': fingerprint, 'complete': False}, f)
+    fs.write_text(path, json.dumps({'fingerprint': fingerprint, 'complete': False}))
 
 
 def mark_complete(stage_dir, fingerprint, **extra):
   if not distributed.is_main():
     return
-  tmp = _marker(stage_dir) + '.tmp'
-  with open(tmp, 'w') as f:
-    json.dump({'fingerprint': fingerprint, 'complete': True, **extra}, f, indent=2)
-  os.replace(tmp, _marker(stage_dir))
+  fs.write_text(_marker(stage_dir),
+                json.dumps({'fingerprint': fingerprint, 'complete': True, **extra}, indent=2))
 
 
 def is_complete(stage_dir, fingerprint):
   try:
-    with open(_marker(stage_dir)) as f:
-      m = json.load(f)
+    m = json.loads(fs.read_text(_marker(stage_dir)))
   except (OSError, ValueError):
     return False
   return m.get('complete', False) and m.get('fingerprint') == fingerprint

@@ -21,9 +21,9 @@ Real sets: at most evaluate.max_real notes per split, a seeded random subset.
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import math
-import os
 import time
 
 import jax
@@ -31,6 +31,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from mars_jax import config as config_lib
+from mars_jax import fs
 from mars_jax.audio import cmx as cmx_lib
 from mars_jax.audio import spectrogram as spec_lib
 from mars_jax.data import audio_io, pipeline, prepare, records
@@ -45,20 +46,19 @@ CHUNK = 256            # records decoded and featurised at a time (bounded memor
 
 
 def eval_dir(workdir):
-  return os.path.join(workdir, 'eval')
+  return fs.join(workdir, 'eval')
 
 
 def _samples_dir(workdir):
-  return os.path.join(workdir, 'samples')
+  return fs.join(workdir, 'samples')
 
 
 def _samples_hash(workdir):
   """Content hash of samples.json and every wav it lists: new samples invalidate the result."""
   h = hashlib.sha256()
-  path = os.path.join(_samples_dir(workdir), 'samples.json')
+  path = fs.join(_samples_dir(workdir), 'samples.json')
   try:
-    with open(path, 'rb') as f:
-      blob = f.read()
+    blob = fs.read_bytes(path)
   except OSError:
     return 'none'
   h.update(blob)
@@ -68,8 +68,7 @@ def _samples_hash(workdir):
     return h.hexdigest()[:16]
   for e in entries if isinstance(entries, list) else []:
     try:
-      with open(os.path.join(_samples_dir(workdir), str(e.get('file'))), 'rb') as f:
-        h.update(f.read())
+      h.update(fs.read_bytes(fs.join(_samples_dir(workdir), str(e.get('file')))))
     except (OSError, AttributeError):
       h.update(b'missing')
   return h.hexdigest()[:16]
@@ -83,8 +82,8 @@ def fingerprint(config, workdir):
 
 def is_complete(config, workdir):
   return (common.is_complete(eval_dir(workdir), fingerprint(config, workdir))
-          and os.path.exists(os.path.join(eval_dir(workdir), 'metrics.json'))
-          and os.path.exists(os.path.join(workdir, 'report.html')))
+          and fs.exists(fs.join(eval_dir(workdir), 'metrics.json'))
+          and fs.exists(fs.join(workdir, 'report.html')))
 
 
 # --- inputs ------------------------------------------------------------------------------------
@@ -92,12 +91,11 @@ def is_complete(config, workdir):
 
 def load_samples(config, workdir, vocab):
   """samples.json -> (entries, requested pitch midi (N,), instrument index (N,))."""
-  path = os.path.join(_samples_dir(workdir), 'samples.json')
-  if not os.path.exists(path):
+  path = fs.join(_samples_dir(workdir), 'samples.json')
+  if not fs.exists(path):
     raise FileNotFoundError(f'no {path}: run the sample stage first '
                             f'(python -m mars_jax.main --stages=sample ...).')
-  with open(path) as f:
-    entries = json.load(f)
+  entries = json.loads(fs.read_text(path))
   names = list(vocab[config.data.instrument_label])
   pitch = np.zeros(len(entries), np.int64)
   inst = np.zeros(len(entries), np.int64)
@@ -120,11 +118,26 @@ def load_waves(config, workdir, entries):
   bad = 0
   for i, e in enumerate(entries):
     try:
-      waves[i], _ = audio_io.load_clip(os.path.join(_samples_dir(workdir), e['file']), sr,
+      waves[i], _ = audio_io.load_clip(_sample_source(workdir, e['file']), sr,
                                        shapes.n_samples, float('-inf'))
     except audio_io.BadAudio:
       bad += 1
   return waves, bad
+
+
+def _sample_source(workdir, name):
+  """A local path for load_clip, or (remote workdir) a loader reading the object's bytes."""
+  path = fs.join(_samples_dir(workdir), name)
+  if not fs.is_remote(path):
+    return path
+
+  def load():
+    import soundfile as sf
+    try:
+      return sf.read(io.BytesIO(fs.read_bytes(path)), dtype='float32', always_2d=True)
+    except Exception as e:  # a missing object or libsndfile's error: one bad sample, not a crash
+      raise audio_io.BadAudio(f'unreadable: {path}: {e}') from e
+  return load
 
 
 class RealSplit:
@@ -418,10 +431,9 @@ def run(config, workdir, log=print):
   mesh = partitioning.make_mesh(config)
   out, extras = compute(config, workdir, mesh, log=log)
   if jax.process_index() == 0:
-    tmp = os.path.join(edir, 'metrics.json.tmp')
-    with open(tmp, 'w') as f:
-      json.dump({k: _json_value(v) for k, v in out.items()}, f, indent=1, sort_keys=True)
-    os.replace(tmp, os.path.join(edir, 'metrics.json'))
+    fs.write_text(fs.join(edir, 'metrics.json'),
+                  json.dumps({k: _json_value(v) for k, v in out.items()}, indent=1,
+                             sort_keys=True))
     grid = grid_cells(config, extras)
     report.write_report(config, workdir, out, grid)
     common.mark_complete(edir, fp)

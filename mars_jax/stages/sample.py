@@ -1,10 +1,10 @@
 """`sample` stage: writes DIR/samples/*.wav and samples.json for the configured requests."""
 import json
-import os
 
 import jax
 
 from mars_jax import config as config_lib
+from mars_jax import fs
 from mars_jax.sample import Generator, save_wav
 from mars_jax.stages import autoregressor as ar_stage
 from mars_jax.stages import common
@@ -17,7 +17,7 @@ def fingerprint(config):
 
 
 def is_complete(config, workdir):
-  return common.is_complete(os.path.join(workdir, NAME), fingerprint(config))
+  return common.is_complete(fs.join(workdir, NAME), fingerprint(config))
 
 
 def requests(config, pitches, instruments):
@@ -48,7 +48,7 @@ def run(config, workdir):
   if not ar_stage.is_complete(config, workdir):
     raise config_lib.ConfigError(f'sampling needs a trained autoregressor for this config in '
                                  f'{workdir}/autoregressor; run --stages=autoregressor first.')
-  out = os.path.join(workdir, NAME)
+  out = fs.join(workdir, NAME)
   fp = fingerprint(config)
   common.claim(out, fp, NAME)
   gen = Generator.from_workdir(workdir, config)
@@ -63,15 +63,12 @@ def run(config, workdir):
     for j, ((pitch, inst), seed) in enumerate(zip(chunk, seeds)):
       name = f'{start + j:05d}_p{pitch}_{inst}_s{seed}.wav'
       if jax.process_index() == 0:
-        save_wav(os.path.join(out, name), waves[j], gen.sample_rate)
+        save_wav(fs.join(out, name), waves[j], gen.sample_rate)
       entries.append({'file': name, 'pitch': pitch, 'instrument': inst,
                       'instrument_label': config.data.instrument_label, 'seed': seed,
                       'cfg': float(s.cfg), 'top_k': int(s.top_k), 'top_p': float(s.top_p),
                       'sample_rate': gen.sample_rate, 'duration': float(config.spectrogram.duration)})
     print(f'[sample] {min(start + bs, len(reqs))}/{len(reqs)} notes', flush=True)
   if jax.process_index() == 0:
-    tmp = os.path.join(out, 'samples.json.tmp')
-    with open(tmp, 'w') as f:
-      json.dump(entries, f, indent=1)
-    os.replace(tmp, os.path.join(out, 'samples.json'))
+    fs.write_text(fs.join(out, 'samples.json'), json.dumps(entries, indent=1))
   common.mark_complete(out, fp, count=len(entries))

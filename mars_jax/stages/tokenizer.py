@@ -1,12 +1,12 @@
 """`tokenizer` stage: trains the multi-scale VQ tokenizer on prepared CMX images."""
 import functools
-import os
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from mars_jax import config as config_lib
+from mars_jax import fs
 from mars_jax.audio import cmx as cmx_lib
 from mars_jax.audio import griffin_lim
 from mars_jax.data import pipeline
@@ -173,7 +173,7 @@ def make_task(config, shapes=None):
 
 
 def _stage_dir(workdir):
-  return os.path.join(workdir, NAME)
+  return fs.join(workdir, NAME)
 
 
 def fingerprint(config):
@@ -199,19 +199,17 @@ def make_on_eval(config, model, shapes, examples):
     recon = np.asarray(jax.device_get(recon_fn(params, jnp.asarray(examples['image']))))
     if jax.process_index() != 0:
       return
-    out = os.path.join(stage_dir, 'eval', f'step_{step:07d}')
-    os.makedirs(out, exist_ok=True)
+    out = fs.makedirs(fs.join(stage_dir, 'eval', f'step_{step:07d}'))
     to_spec = functools.partial(cmx_lib.from_image, cmx_cfg=config.cmx, freq=shapes.freq_bins,
                                 frames=shapes.frames)
     originals = to_spec(np.asarray(examples['image']))
     recons = np.clip(to_spec(recon), -1.0, 1.0)
     waves = np.asarray(griffin_lim.to_audio(jnp.asarray(recons), spec_cfg))
-    import soundfile as sf
     for i in range(len(recons)):
-      images.spectrogram_png(originals[i], os.path.join(out, f'{i}_original.png'))
-      images.spectrogram_png(recons[i], os.path.join(out, f'{i}_reconstructed.png'))
-      sf.write(os.path.join(out, f'{i}_reconstructed.wav'), np.clip(waves[i], -1, 1),
-               spec_cfg.sample_rate, subtype='PCM_16')
+      fs.write_bytes(out / f'{i}_original.png', images.spectrogram_png(originals[i]))
+      fs.write_bytes(out / f'{i}_reconstructed.png', images.spectrogram_png(recons[i]))
+      fs.write_bytes(out / f'{i}_reconstructed.wav',
+                     fs.wav_bytes(np.clip(waves[i], -1, 1), spec_cfg.sample_rate))
 
   return on_eval
 

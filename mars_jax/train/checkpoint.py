@@ -10,24 +10,30 @@ caller may donate the state to the next step right away.
 from __future__ import annotations
 
 import json
-import os
 
 import grain
 import jax
 import orbax.checkpoint as ocp
 
+from mars_jax import fs
+
 ITEMS = ('state', 'data_iter')
 
 
 def ckpt_dir(stage_dir: str) -> str:
-  return os.path.join(os.path.abspath(stage_dir), 'checkpoints')
+  return fs.join(fs.absolute(stage_dir), 'checkpoints')
+
+
+def _orbax_path(directory: str) -> str:
+  """The path orbax opens: absolute locally, a gs:// URI unchanged (orbax writes it natively)."""
+  return fs.absolute(directory)
 
 
 def manager(directory: str, keep: int = 2, async_save: bool = True) -> ocp.CheckpointManager:
   """A manager that keeps the newest `keep` steps; the engine decides *when* to save."""
   options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True,
                                          enable_async_checkpointing=async_save)
-  return ocp.CheckpointManager(os.path.abspath(directory), options=options, item_names=ITEMS)
+  return ocp.CheckpointManager(_orbax_path(directory), options=options, item_names=ITEMS)
 
 
 class _Snapshot:
@@ -90,7 +96,7 @@ def restore_params(directory: str, abstract_params, step: int | None = None, ema
   `engine.abstract_params(task, config, stage, mesh, batch)`), so the params land already
   sharded on the caller's mesh. Optimizer state is never read.
   """
-  directory = os.path.abspath(directory)
+  directory = _orbax_path(directory)
   # A PyTree handler for 'state' lets us read its metadata (is there an EMA?) and restore a part.
   mngr = ocp.CheckpointManager(directory, item_handlers={'state': ocp.PyTreeCheckpointHandler()},
                                options=ocp.CheckpointManagerOptions(read_only=True))

@@ -477,6 +477,8 @@ def train(task: Task, config, stage: str, stage_dir: str, train_iter_fn: Callabl
         if do_log:
           logger.write(done, record)
           logger.progress(done, record['loss'], record['steps_per_sec'])
+        if do_ckpt:
+          logger.flush()                  # the log is durable up to the checkpoint
       mngr.wait_until_finished()
       return state
   finally:

@@ -13,6 +13,8 @@ import socket
 import struct
 import time
 
+from mars_jax import fs
+
 
 # --- TensorBoard scalar events without dependencies --------------------------------------------
 
@@ -77,10 +79,10 @@ class TensorBoardWriter:
   """Appends scalar summaries to an events.out.tfevents.* file (TFRecord framed)."""
 
   def __init__(self, logdir: str):
-    os.makedirs(logdir, exist_ok=True)
+    fs.makedirs(logdir)
     name = f'events.out.tfevents.{int(time.time())}.{socket.gethostname()}.{os.getpid()}'
-    self.path = os.path.join(logdir, name)
-    self._f = open(self.path, 'ab')
+    self.path = fs.join(logdir, name)
+    self._f = fs.AppendLog(self.path, binary=True)
     self._record(_event(time.time(), 0, file_version='brain.Event:2'))
 
   def _record(self, data: bytes):
@@ -93,6 +95,9 @@ class TensorBoardWriter:
     if values:
       self._record(_event(time.time(), int(step), scalars=values))
       self._f.flush()
+
+  def flush(self):
+    self._f.flush(force=True)
 
   def close(self):
     self._f.close()
@@ -134,30 +139,28 @@ class MetricsLogger:
   def __init__(self, stage_dir: str, name: str, total_steps: int, start_step: int = 0,
                enabled: bool = True, tensorboard: bool = True):
     self.name, self.total, self.enabled = name, total_steps, enabled
-    self.path = os.path.join(stage_dir, 'metrics.jsonl')
+    self.path = fs.join(stage_dir, 'metrics.jsonl')
     self._tb = None
     if not enabled:
       return
-    os.makedirs(stage_dir, exist_ok=True)
+    fs.makedirs(stage_dir)
     self._truncate_after(start_step)
-    self._f = open(self.path, 'a')
+    self._f = fs.AppendLog(self.path)
     if tensorboard:
-      self._tb = TensorBoardWriter(os.path.join(stage_dir, 'tensorboard'))
+      self._tb = TensorBoardWriter(fs.join(stage_dir, 'tensorboard'))
 
   def _truncate_after(self, step: int):
     """On resume, drop lines logged after the restored checkpoint: they are recomputed."""
-    if not os.path.exists(self.path):
+    if not fs.exists(self.path):
       return
     keep = []
-    with open(self.path) as f:
-      for line in f:
-        try:
-          if json.loads(line)['step'] <= step:
-            keep.append(line)
-        except (ValueError, KeyError, TypeError):
-          pass
-    with open(self.path, 'w') as f:
-      f.writelines(keep)
+    for line in fs.read_text(self.path).splitlines(keepends=True):
+      try:
+        if json.loads(line)['step'] <= step:
+          keep.append(line)
+      except (ValueError, KeyError, TypeError):
+        pass
+    fs.write_text(self.path, ''.join(keep))
 
   def write(self, step: int, metrics: dict):
     """One JSON object per call: {"step": .., "loss": .., ...}."""
@@ -169,6 +172,15 @@ class MetricsLogger:
     self._f.flush()
     if self._tb is not None:
       self._tb.scalars(step, {k: v for k, v in record.items() if k != 'step'})
+
+  def flush(self):
+    """Makes everything logged so far durable (called with each checkpoint; on a remote
+    workdir lines are otherwise uploaded at most every 30 s)."""
+    if not self.enabled:
+      return
+    self._f.flush(force=True)
+    if self._tb is not None:
+      self._tb.flush()
 
   def progress(self, step: int, loss: float, steps_per_sec: float, extra: str = ''):
     """A single line: stage step/total, loss, steps/s, ETA."""
