@@ -106,14 +106,16 @@ class AttnBlock(nn.Module):
     b, hh, ww, c = x.shape
     h = Norm(self.groups, self.dtype)(x).reshape(b, hh * ww, c)  # (B, N, C)
 
-    def dense(name, names):
-      return nn.Dense(c, dtype=self.dtype, param_dtype=jnp.float32, name=name,
+    def dense(name, names, bias=True):
+      return nn.Dense(c, dtype=self.dtype, param_dtype=jnp.float32, name=name, use_bias=bias,
                       kernel_init=nn.with_logical_partitioning(
                           nn.initializers.variance_scaling(1 / 3, 'fan_in', 'uniform'), names),
                       bias_init=nn.with_logical_partitioning(nn.initializers.zeros, (names[1],)))
 
     q = dense('q', ('embed', 'heads'))(h)
-    k = dense('k', ('embed', 'heads'))(h)
+    # No key bias (as in VAR): q.(k + b) shifts every logit of a query equally, so softmax
+    # ignores it and its gradient is rounding noise that Adam would blow up to full-size steps.
+    k = dense('k', ('embed', 'heads'), bias=False)(h)
     v = dense('v', ('embed', 'heads'))(h)
     logits = jnp.einsum('bqc,bkc->bqk', q, k).astype(jnp.float32) / jnp.sqrt(c)  # (B, N, N)
     w = jax.nn.softmax(logits, axis=-1).astype(self.dtype)
