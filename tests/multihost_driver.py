@@ -1,13 +1,16 @@
-"""One process of the multi-process test: join, train the tiny tokenizer a few steps, dump results.
+"""One process of the multi-process test: join, train the tiny tokenizer then the autoregressor a
+few steps each, dump results.
 
   python tests/multihost_driver.py --workdir=W --run=NAME [--coordinator=H:P --num_processes=N
       --process_id=I] [--die_process=I --die_at_batch=K --die_after_ckpt=S]
 
-Trains through the real stage Task and the one engine (no CLI), so the test exercises the same
-sharding, data and checkpoint code as `python -m mars_jax.main`. Process 0 writes
-W/NAME/result.npz (the full params, gathered) and the losses are in W/NAME/tokenizer/metrics.jsonl.
-`--die_*` makes process I SIGKILL itself before reading batch K, once checkpoint S is on disk:
-a hard crash mid-run with a known last checkpoint.
+Trains through the real stage Tasks and the one engine (no CLI), so the test exercises the same
+sharding, data and checkpoint code as `python -m mars_jax.main`. W/NAME is laid out as a workdir
+(W/NAME/data links to the shared W/data) so the autoregressor goes through its own stage `run`,
+with the just-trained tokenizer frozen. Process 0 writes W/NAME/result.npz and W/NAME/ar.npz (the
+full tokenizer and VAR params, gathered); the losses are in W/NAME/{tokenizer,autoregressor}/
+metrics.jsonl. `--die_*` makes process I SIGKILL itself before reading tokenizer batch K, once
+checkpoint S is on disk: a hard crash mid-run with a known last checkpoint.
 """
 import argparse
 import os
@@ -18,10 +21,12 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 STEPS, BATCH, CKPT_EVERY = 4, 8, 2
+AR_STEPS = 3
 
 
 def tiny_config(steps=STEPS):
-  """configs/tiny.py shrunk for a test: 96 notes, 8-wide tokenizer, batch 8, checkpoints every 2."""
+  """configs/tiny.py shrunk for a test: 96 notes, 8-wide tokenizer, batch 8, checkpoints every 2;
+  a 1-block, 32-wide VAR trained AR_STEPS steps (one checkpoint, at the end)."""
   import importlib.util
   root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
   spec = importlib.util.spec_from_file_location('cfg_tiny', os.path.join(root, 'configs', 'tiny.py'))
@@ -36,6 +41,12 @@ def tiny_config(steps=STEPS):
   t = c.tokenizer.train
   t.steps, t.batch_size, t.checkpoint_every = steps, BATCH, CKPT_EVERY
   t.log_every, t.eval_every, t.keep_checkpoints = 1, 10_000, 3
+  v = c.autoregressor
+  v.depth, v.width, v.heads = 1, 32, 2
+  t = c.autoregressor.train
+  t.steps, t.batch_size, t.checkpoint_every = AR_STEPS, BATCH, AR_STEPS
+  t.log_every, t.eval_every = 1, 10_000   # the engine still evaluates once, at the last step
+  t.warmup_steps = 0   # else step 0 trains at lr 0 and 3 steps leave the VAR near its init
   return c
 
 
@@ -66,6 +77,29 @@ class DieAt:
     return next(self.it)
 
 
+def _save(path, params):
+  """Gathers `params` (sharded over all processes) and process 0 writes them to `path`."""
+  import jax
+  import numpy as np
+  from jax.experimental import multihost_utils
+  from mars_jax import distributed
+  params = multihost_utils.process_allgather(params, tiled=True)  # full arrays everywhere
+  if distributed.is_main():
+    flat = jax.tree_util.tree_flatten_with_path(params)[0]
+    np.savez(path, **{jax.tree_util.keystr(k): np.asarray(v) for k, v in flat})
+
+
+def _link_data(workdir, run_dir):
+  """Lays out W/NAME as a workdir: its data/ is the prepared W/data (every process tries)."""
+  os.makedirs(run_dir, exist_ok=True)
+  link = os.path.join(run_dir, 'data')
+  if not os.path.lexists(link):
+    try:
+      os.symlink(os.path.relpath(os.path.join(workdir, 'data'), run_dir), link)
+    except FileExistsError:
+      pass
+
+
 def main():
   ap = argparse.ArgumentParser()
   ap.add_argument('--workdir', required=True)   # holds data/ (prepared by the test)
@@ -83,18 +117,21 @@ def main():
   pi, pc = distributed.maybe_initialize(a.coordinator, a.num_processes, a.process_id)
 
   import jax
-  import numpy as np
   from jax.experimental import multihost_utils
   if a.cache:
     jax.config.update('jax_compilation_cache_dir', a.cache)
     jax.config.update('jax_persistent_cache_min_compile_time_secs', 0)
   from mars_jax.data import pipeline
-  from mars_jax.stages import tokenizer
-  from mars_jax.train import engine
+  from mars_jax.stages import autoregressor, common, tokenizer
+  from mars_jax.train import engine, partitioning
 
   config = tiny_config()
-  stage_dir = os.path.join(a.workdir, a.run, 'tokenizer')
-  data_dir = os.path.join(a.workdir, 'data')
+  run_dir = os.path.join(a.workdir, a.run)
+  _link_data(a.workdir, run_dir)
+  stage_dir = os.path.join(run_dir, 'tokenizer')
+  data_dir = common.data_dir(run_dir)
+  fp = tokenizer.fingerprint(config)
+  common.claim(stage_dir, fp, tokenizer.NAME)
   task, _ = tokenizer.make_task(config)
   ckpt = os.path.join(stage_dir, 'checkpoints', str(a.die_after_ckpt))
   make_it = lambda: DieAt(pipeline.make_iterator(config, data_dir, 'train', batch_size=BATCH),
@@ -102,12 +139,19 @@ def main():
   print(f'driver: process {pi}/{pc}, {jax.local_device_count()} local of '
         f'{jax.device_count()} devices', flush=True)
   state = engine.train(task, config, 'tokenizer', stage_dir, make_it)
-  params = multihost_utils.process_allgather(state.params, tiled=True)  # full arrays everywhere
-  if distributed.is_main():
-    flat = jax.tree_util.tree_flatten_with_path(params)[0]
-    np.savez(os.path.join(a.workdir, a.run, 'result.npz'),
-             **{jax.tree_util.keystr(k): np.asarray(v) for k, v in flat})
-  print(f'driver: process {pi} done at step {int(jax.device_get(state.step))}', flush=True)
+  step = int(jax.device_get(state.step))
+  common.mark_complete(stage_dir, fp, step=step)   # what tokenizer.run does after training
+  _save(os.path.join(run_dir, 'result.npz'), state.params)
+  print(f'driver: process {pi} tokenizer done at step {step}', flush=True)
+  if pc > 1:   # the others must see the completion marker (mars_jax.main's barrier)
+    multihost_utils.sync_global_devices('driver/tokenizer')
+
+  autoregressor.run(config, run_dir)   # loads the tokenizer checkpoint, trains the VAR
+  n_instruments = autoregressor.num_instruments(config, pipeline.load_manifest(data_dir))
+  ar_params, _ = autoregressor.load_params(config, run_dir, partitioning.make_mesh(config),
+                                           n_instruments)
+  _save(os.path.join(run_dir, 'ar.npz'), ar_params)
+  print(f'driver: process {pi} done', flush=True)
 
 
 if __name__ == '__main__':

@@ -1,14 +1,15 @@
 """Two processes joined by jax.distributed on 127.0.0.1 train exactly like one process.
 
-Runs tests/multihost_driver.py (the tiny tokenizer through the real stage Task and engine) as
+Runs tests/multihost_driver.py (the tiny tokenizer through the real stage Task and engine, then
+the autoregressor through its stage `run` on the frozen tokenizer) as
   one    : 1 process x 8 CPU devices (the reference),
   crash  : 2 processes x 4 CPU devices (same global mesh of 8, same global batches); process 1
-           SIGKILLs itself mid-run after checkpoint 2 is on disk; the survivor must not hang
-           forever; then both restart and resume from checkpoint 2.
-The 2-process losses before the crash, after the resume, and the final params must equal the
-1-process run's to float tolerance (one 2-process run proves both claims: it saves a compile). Slow (compiles in each
-process): deselect with `-m "not multihost"`. The autoregressor stage is not covered yet
-(mars_jax/stages/autoregressor.py did not exist when this was written).
+           SIGKILLs itself mid-run (in the tokenizer) after checkpoint 2 is on disk; the survivor
+           must not hang forever; then both restart, resume from checkpoint 2 and go on to train
+           the autoregressor.
+The 2-process losses before the crash, after the resume, and the final params of both stages must
+equal the 1-process run's to float tolerance (one 2-process run proves both claims: it saves a
+compile). Slow (compiles in each process): deselect with `-m "not multihost"`.
 """
 import json
 import os
@@ -78,14 +79,14 @@ def _wait(procs, timeout=RUN_TIMEOUT):
     assert p.returncode == 0, f'driver exited {p.returncode}; log:\n{_read(log)[-3000:]}'
 
 
-def _losses(workdir, run):
-  with open(os.path.join(workdir, run, 'tokenizer', 'metrics.jsonl')) as f:
+def _losses(workdir, run, stage='tokenizer', key='loss'):
+  with open(os.path.join(workdir, run, stage, 'metrics.jsonl')) as f:
     rows = [json.loads(line) for line in f]
-  return {r['step']: r['loss'] for r in rows}
+  return {r['step']: r[key] for r in rows if key in r}
 
 
-def _params(workdir, run):
-  with np.load(os.path.join(workdir, run, 'result.npz')) as z:
+def _params(workdir, run, name='result.npz'):
+  with np.load(os.path.join(workdir, run, name)) as z:
     return {k: z[k] for k in z.files}
 
 
@@ -113,6 +114,11 @@ def test_two_processes_match_one_then_survive_a_crash_and_resume(workdir):
   l1 = _losses(workdir, 'one')
   assert sorted(l1) == [1, 2, 3, 4]
   ref = _params(workdir, 'one')
+  ar1 = _losses(workdir, 'one', 'autoregressor')
+  assert sorted(ar1) == [1, 2, 3]
+  ar_eval1 = _losses(workdir, 'one', 'autoregressor', 'eval/loss')
+  assert sorted(ar_eval1) == [3]
+  ar_ref = _params(workdir, 'one', 'ar.npz')
 
   # Crash: process 1 dies (SIGKILL) before reading batch 4 (step 3), after checkpoint 2 landed.
   t1 = time.time()
@@ -149,5 +155,15 @@ def test_two_processes_match_one_then_survive_a_crash_and_resume(workdir):
   l3 = _losses(workdir, 'crash')
   for s in l1:
     assert l3[s] == pytest.approx(l1[s], rel=1e-5, abs=1e-6), (s, l1, l3)
+
+  # The autoregressor, trained by the resumed run on its tokenizer, matches one process's too.
+  ar2 = _losses(workdir, 'crash', 'autoregressor')
+  assert sorted(ar2) == sorted(ar1)
+  for s in ar1:
+    assert ar2[s] == pytest.approx(ar1[s], rel=1e-5, abs=1e-6), (s, ar1, ar2)
+  ar_eval2 = _losses(workdir, 'crash', 'autoregressor', 'eval/loss')
+  assert ar_eval2 == pytest.approx(ar_eval1, rel=1e-5, abs=1e-6), (ar_eval1, ar_eval2)
+  _assert_params_close(_params(workdir, 'crash', 'ar.npz'), ar_ref)
   print(f'\nmultihost: one {t_first:.0f}s; crash+resume {time.time() - t1:.0f}s; survivor '
-        f'exited {survivor_exit} {t_survivor:.0f}s after its peer died')
+        f'exited {survivor_exit} {t_survivor:.0f}s after its peer died; autoregressor losses '
+        f'{[round(ar1[s], 6) for s in sorted(ar1)]}')
