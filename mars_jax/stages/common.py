@@ -13,7 +13,7 @@ def stage_fingerprint(config, *sections):
 
 
 def data_dir(workdir):
-  return fs.join(workdir, 'data')
+  return prepare.data_dir(workdir)
 
 
 def _marker(stage_dir):

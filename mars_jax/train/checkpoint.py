@@ -97,9 +97,13 @@ def restore_params(directory: str, abstract_params, step: int | None = None, ema
   sharded on the caller's mesh. Optimizer state is never read.
   """
   directory = _orbax_path(directory)
-  # A PyTree handler for 'state' lets us read its metadata (is there an EMA?) and restore a part.
-  mngr = ocp.CheckpointManager(directory, item_handlers={'state': ocp.PyTreeCheckpointHandler()},
-                               options=ocp.CheckpointManagerOptions(read_only=True))
+  # A PyTree handler for 'state' lets us read its metadata (is there an EMA?) and restore a part;
+  # naming data_iter's handler and the read-only implications keeps orbax from warning about them.
+  mngr = ocp.CheckpointManager(
+      directory,
+      item_handlers={'state': ocp.PyTreeCheckpointHandler(),
+                     'data_iter': grain.checkpoint.CheckpointHandler()},
+      options=ocp.CheckpointManagerOptions(read_only=True, create=False, save_interval_steps=0))
   try:
     step = mngr.latest_step() if step is None else step
     if step is None:
