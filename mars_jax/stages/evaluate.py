@@ -21,7 +21,6 @@ Real sets: at most evaluate.max_real notes per split, a seeded random subset.
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 import math
 import time
@@ -118,26 +117,11 @@ def load_waves(config, workdir, entries):
   bad = 0
   for i, e in enumerate(entries):
     try:
-      waves[i], _ = audio_io.load_clip(_sample_source(workdir, e['file']), sr,
-                                       shapes.n_samples, float('-inf'))
+      waves[i], _ = audio_io.load_clip(fs.join(_samples_dir(workdir), e['file']), sr,
+                                       shapes.n_samples, float('-inf'))   # local or gs://
     except audio_io.BadAudio:
       bad += 1
   return waves, bad
-
-
-def _sample_source(workdir, name):
-  """A local path for load_clip, or (remote workdir) a loader reading the object's bytes."""
-  path = fs.join(_samples_dir(workdir), name)
-  if not fs.is_remote(path):
-    return path
-
-  def load():
-    import soundfile as sf
-    try:
-      return sf.read(io.BytesIO(fs.read_bytes(path)), dtype='float32', always_2d=True)
-    except Exception as e:  # a missing object or libsndfile's error: one bad sample, not a crash
-      raise audio_io.BadAudio(f'unreadable: {path}: {e}') from e
-  return load
 
 
 class RealSplit:
