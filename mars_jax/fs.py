@@ -128,13 +128,17 @@ class AppendLog:
 
   `binary` picks bytes or str records. Remote uploads happen at most every `remote_every_s`
   seconds unless flush(force=True) (checkpoint time, close), so a run killed between uploads
-  loses at most that many seconds of log lines, never a checkpointed step's.
+  loses at most that many seconds of log lines, never a checkpointed step's. The first flush
+  always uploads (a new run's first metrics appear at once, whatever the machine's uptime).
+  `clock` (seconds, monotonic) is injectable for tests.
   """
 
-  def __init__(self, p, binary: bool = False, remote_every_s: float = 30.0):
+  def __init__(self, p, binary: bool = False, remote_every_s: float = 30.0, clock=None):
     self.path, self.binary = epath.Path(p), binary
     self.remote, self.every = is_remote(self.path), remote_every_s
-    self._f, self._buf, self._last, self._dirty = None, None, 0.0, False
+    self._clock = clock or time.monotonic
+    # _last None: nothing uploaded yet by this log, so the first flush is never held back.
+    self._f, self._buf, self._last, self._dirty = None, None, None, False
     if self.remote:
       empty = b'' if binary else ''
       if self.path.exists():
@@ -154,11 +158,12 @@ class AppendLog:
   def flush(self, force: bool = False) -> None:
     if not self.remote:
       self._f.flush()
-    elif self._dirty and (force or time.monotonic() - self._last >= self.every):
+    elif self._dirty and (force or self._last is None
+                          or self._clock() - self._last >= self.every):
       joined = (b'' if self.binary else '').join(self._buf)
       self._buf = [joined]
       self.path.write_bytes(joined if self.binary else joined.encode('utf-8'))
-      self._last, self._dirty = time.monotonic(), False
+      self._last, self._dirty = self._clock(), False
 
   def close(self) -> None:
     self.flush(force=True)

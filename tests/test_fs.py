@@ -46,24 +46,61 @@ def test_bucket_round_trip_without_append_or_rename(tmp_path, monkeypatch):
   assert [p.name for p in fs.path('gs://b/run').iterdir()] == ['config.json', 'data']
 
 
-def test_append_log_in_a_bucket_uploads_whole_and_reopens(tmp_path, monkeypatch):
+class FakeClock:
+  """A monotonic clock the test moves by hand (a freshly booted machine reads a few seconds)."""
+
+  def __init__(self, now=5.0):
+    self.now = now
+
+  def __call__(self):
+    return self.now
+
+
+@pytest.mark.parametrize('uptime_s', [5.0, 10 * 86400.0])
+def test_append_log_in_a_bucket_uploads_whole_and_reopens(tmp_path, monkeypatch, uptime_s):
+  """Whatever the machine's uptime (seconds after boot or days), the first flush uploads."""
   fake_gcs.use(tmp_path, monkeypatch)
+  clock = FakeClock(uptime_s)
+  monkeypatch.setattr(fs.time, 'monotonic', clock)   # also the default clock
   obj = tmp_path / 'b' / 'm.jsonl'
   log = fs.AppendLog('gs://b/m.jsonl', remote_every_s=3600)
   log.write('1\n')
   log.flush()                        # the first flush uploads
+  assert obj.read_text() == '1\n'
   log.write('2\n')
+  clock.now += 10
   log.flush()                        # within remote_every_s: not yet
   assert obj.read_text() == '1\n'
   log.flush(force=True)              # checkpoint time
   assert obj.read_text() == '1\n2\n'
   log.write('3\n')
-  log.close()                        # close always uploads
+  clock.now += 3600
+  log.flush()                        # remote_every_s has passed: uploads
   assert obj.read_text() == '1\n2\n3\n'
-  again = fs.AppendLog('gs://b/m.jsonl')   # a restarted run continues the object
-  again.write('4\n')
-  again.close()
+  log.write('4\n')
+  log.close()                        # close always uploads
   assert obj.read_text() == '1\n2\n3\n4\n'
+  again = fs.AppendLog('gs://b/m.jsonl')   # a restarted run continues the object
+  again.write('5\n')
+  again.close()
+  assert obj.read_text() == '1\n2\n3\n4\n5\n'
+
+
+def test_append_log_clock_is_injectable(tmp_path, monkeypatch):
+  fake_gcs.use(tmp_path, monkeypatch)
+  clock = FakeClock(0.5)
+  obj = tmp_path / 'b' / 'e.bin'
+  log = fs.AppendLog('gs://b/e.bin', binary=True, remote_every_s=30, clock=clock)
+  log.write(b'a')
+  log.flush()
+  assert obj.read_bytes() == b'a'
+  log.write(b'b')
+  clock.now = 30.4
+  log.flush()
+  assert obj.read_bytes() == b'a'
+  clock.now = 30.5
+  log.flush()
+  assert obj.read_bytes() == b'ab'
 
 
 def test_local_append_log_appends(tmp_path):
