@@ -126,6 +126,9 @@ def derive(config) -> Shapes:
   heads = a.heads or a.depth
   if width % heads:
     raise ConfigError(f'autoregressor.width={width} must be divisible by autoregressor.heads={heads}.')
+  if a.attention not in ('einsum', 'xla', 'cudnn', 'auto'):
+    raise ConfigError(f"autoregressor.attention={a.attention!r}: use 'einsum', 'xla', 'cudnn' or "
+                      f"'auto'.")
 
   return Shapes(n_samples=n, freq_bins=freq, frames=frames, image=image, downsample=down,
                 latent=latent, scales=scales, num_tokens=sum(p * p for p in scales),

@@ -101,6 +101,9 @@ def get_config():
   c.autoregressor.heads = 0          # 0 = depth
   c.autoregressor.mlp_ratio = 4.0
   c.autoregressor.label_dropout = 0.1
+  # Attention kernel: 'einsum' (reference, fastest on CPU), or jax.nn.dot_product_attention
+  # with implementation 'xla', 'cudnn' (fused, bf16 on a GPU) or 'auto' (jax picks).
+  c.autoregressor.attention = 'einsum'
   c.autoregressor.train = _train(steps=200_000, batch_size=256, lr=1e-4)
 
   # --- sampling -----------------------------------------------------------

@@ -103,6 +103,26 @@ def test_kv_cache_sampling_cfg_and_seeds(params):
   assert not np.array_equal(np.asarray(g0[-1]), np.asarray(toks[-1]))
 
 
+def test_fused_attention_is_the_same_function(params):
+  """autoregressor.attention='xla' (jax.nn.dot_product_attention) == the einsum path: logits,
+  gradients, and the sampler's draws through the KV cache."""
+  fused = MODEL.clone(attention='xla')
+  teacher = jnp.asarray(np.random.default_rng(5).standard_normal((B, L - 1, D)), jnp.float32)
+  loss = lambda m: jax.jit(jax.value_and_grad(
+      lambda p: jnp.mean(m.apply({'params': p}, PITCH, INST, teacher) ** 2)))
+  (l_ref, g_ref), (l_fused, g_fused) = loss(MODEL)(params['params']), loss(fused)(params['params'])
+  np.testing.assert_allclose(l_fused, l_ref, rtol=1e-5)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6), g_fused, g_ref)
+  codebook = jax.random.normal(jax.random.key(7), (V, D))
+  kw = dict(next_input_fn=fake_next_input_fn(codebook), latent_shape=(SIDE, SIDE, D),
+            cfg=2.0, top_k=20, top_p=0.9)
+  args = (params, PITCH[:4], INST[:4], jnp.arange(4), jax.random.key(3))
+  ref, _ = jax.jit(functools.partial(sampling.sample_tokens, MODEL, **kw))(*args)
+  got, _ = jax.jit(functools.partial(sampling.sample_tokens, fused, **kw))(*args)
+  for t, r in zip(got, ref):
+    np.testing.assert_array_equal(np.asarray(t), np.asarray(r))
+
+
 def test_filter_logits():
   logits = jnp.log(jnp.array([[0.5, 0.05, 0.3, 0.15]]))
   keep = lambda k, p: np.isfinite(np.asarray(sampling.filter_logits(logits, k, p)))[0]

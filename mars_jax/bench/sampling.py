@@ -57,6 +57,14 @@ def load_config(name):
   return mod.get_config()
 
 
+def instrument_names(config):
+  """Instrument labels a random model is built for; the count only sizes an embedding table."""
+  if config.data.source == 'synthetic':
+    return list(config.data.synthetic.families)
+  return ['bass', 'brass', 'flute', 'guitar', 'keyboard', 'mallet', 'organ', 'reed', 'string',
+          'vocal']   # NSynth's families
+
+
 def random_generator(config, seed=0):
   """A Generator with randomly initialised tokenizer + VAR params at `config`'s shapes."""
   import jax
@@ -68,11 +76,7 @@ def random_generator(config, seed=0):
   from mars_jax.stages import tokenizer as tok_stage
 
   shapes = config_lib.derive(config)
-  if config.data.source == 'synthetic':
-    names = list(config.data.synthetic.families)
-  else:  # NSynth's ten families; the count only sizes an embedding table
-    names = ['bass', 'brass', 'flute', 'guitar', 'keyboard', 'mallet', 'organ', 'reed',
-             'string', 'vocal']
+  names = instrument_names(config)
   manifest = {'vocab': {'family': names, 'instrument': names}}
   n_inst = ar_stage.num_instruments(config, manifest)
   rng_tok, rng_var = jax.random.split(jax.random.PRNGKey(seed))

@@ -93,7 +93,8 @@ def peak_flops(device_kind: str):
   return None
 
 
-def _flops(compiled):
+def flops_of(compiled):
+  """FLOPs of one call of a compiled program, from XLA's cost analysis (None if unknown)."""
   try:
     cost = compiled.cost_analysis()
   except Exception:  # not every backend implements it
@@ -106,14 +107,24 @@ def _flops(compiled):
   return float(value) if value is not None and value >= 0 else None
 
 
-class Step:
-  """The tokenizer stage's train step, compiled the way `engine.train` compiles it."""
+def tokenizer_task(config, shapes, rows):
+  """(Task, model, local batch of `rows` zero images) of the tokenizer stage."""
+  from mars_jax.stages import tokenizer as tok_stage
+  task, model = tok_stage.make_task(config, shapes)
+  return task, model, {'image': np.zeros((rows,) + tuple(shapes.image), np.float32)}
 
-  def __init__(self, config, batch, stage='tokenizer'):
+
+class Step:
+  """A stage's train step, compiled the way `engine.train` compiles it.
+
+  make(config, shapes, rows) -> (Task, model, local zero batch of `rows` rows) builds the stage's
+  task (default: the tokenizer); random batches of the same structure are timed.
+  """
+
+  def __init__(self, config, batch, stage='tokenizer', make=tokenizer_task):
     import flax.linen as nn
     import jax
     from mars_jax import config as config_lib
-    from mars_jax.stages import tokenizer as tok_stage
     from mars_jax.train import checkpoint as ckpt
     from mars_jax.train import engine
     from mars_jax.train import partitioning as part
@@ -127,9 +138,8 @@ class Step:
     self.mesh = part.make_mesh(config)
     self.rules = part.logical_rules(config)
     tc = config[stage].train
-    task, self.model = tok_stage.make_task(config, self.shapes)
-    self.task, self.tc = task, tc
-    local = {'image': np.zeros((batch // jax.process_count(),) + self.shapes.image, np.float32)}
+    task, self.model, local = make(config, self.shapes, batch // jax.process_count())
+    self.task, self.tc, self.local = task, tc, local
     self.batch_abs = part.abstract_batch(local, self.mesh)
     tx, schedule = engine.make_optimizer(tc, task)
     self.tx = tx
@@ -174,8 +184,9 @@ class Step:
     """Runs the compiled step on random images; returns the per-step wall times (s)."""
     jax, engine, part, nn = self._jax, self._engine, self._part, self._nn
     rng = np.random.default_rng(0)
-    rows = self.batch // jax.process_count()   # put_batch takes this process's rows
-    local = {'image': rng.uniform(-1, 1, (rows,) + self.shapes.image).astype(np.float32)}
+    local = {k: (rng.uniform(-1, 1, v.shape).astype(v.dtype) if v.dtype.kind == 'f'
+                 else rng.integers(0, 2, v.shape).astype(v.dtype))   # ids 0/1 exist in any vocab
+             for k, v in self.local.items()}
     with jax.set_mesh(self.mesh), nn.logical_axis_rules(self.rules):
       batch = part.put_batch(local, self.mesh)
       init = jax.jit(engine._init_fn(self.task, self.tx, self.tc, self.rng),
@@ -217,7 +228,7 @@ def run_throughput(args, mach):
     _log(f'  compiled in {step.compile_s:.1f}s; {step.param_count / 1e6:.2f}M params')
     times = step.time_steps(warmup=args.warmup, steps=args.steps)
     med = statistics.median(times)
-    flops = _flops(step.compiled)
+    flops = flops_of(step.compiled)
     peak = peak_flops(mach['device_kind']) if mach['backend'] == 'gpu' else None
     mfu = flops / med / (peak * mach['num_devices']) if (flops and peak) else None
     rows.append({'config': name, 'batch': batch, 'image': list(step.shapes.image),
@@ -269,7 +280,7 @@ def run_memory(args, mach):
                  'latent': list(step.shapes.latent),
                  'channel_mult': list(config.tokenizer.channel_mult),
                  'compute_dtype': dtype, 'batch': batch, 'params': step.param_count,
-                 'compile_s': step.compile_s, 'flops_per_step': _flops(step.compiled), **mem})
+                 'compile_s': step.compile_s, 'flops_per_step': flops_of(step.compiled), **mem})
     del step
   by = {r['variant']: r for r in rows}
   ratios = {}

@@ -27,6 +27,11 @@ Dtype = Any
 
 ACT = ('batch', None, 'embed')          # (B, L, C) activations at block boundaries
 _LN_EPS = 1e-6
+# How attention is computed (config autoregressor.attention); all give the same function:
+#   einsum  two einsums and a float32 softmax (the reference path, fastest on CPU);
+#   xla / cudnn / auto  jax.nn.dot_product_attention with that implementation (auto: jax picks
+#           cuDNN's fused kernel where it applies, e.g. bf16 on a GPU, else XLA).
+ATTENTION = ('einsum', 'xla', 'cudnn', 'auto')
 _MAX_LOG_SCALE = math.log(100.0)        # VAR clamps the learned attention temperature here
 
 
@@ -88,6 +93,7 @@ class Attention(nn.Module):
   heads: int
   depth: int
   dtype: Dtype = jnp.float32
+  attention: str = 'einsum'   # 'einsum' | 'xla' | 'cudnn' | 'auto': see ATTENTION
 
   @nn.compact
   def __call__(self, x, cache, mask, offset):
@@ -117,12 +123,18 @@ class Attention(nn.Module):
       k = nn.with_logical_constraint(k, ('batch', 'heads', None, None))
       v = nn.with_logical_constraint(v, ('batch', 'heads', None, None))
       cache = {'k': k, 'v': v}
-    s = jnp.einsum('bhqd,bhkd->bhqk', q.astype(self.dtype), k.astype(self.dtype),
-                   preferred_element_type=jnp.float32)               # (B, H, n, L)
-    s = jnp.where(mask, s, -jnp.inf)      # masked keys get weight exactly 0
-    w = jax.nn.softmax(s, axis=-1)
-    o = jnp.einsum('bhqk,bhkd->bhqd', w.astype(self.dtype), v.astype(self.dtype))
-    o = jnp.swapaxes(o, 1, 2)                                         # (B, n, H, hd)
+    if self.attention == 'einsum':
+      s = jnp.einsum('bhqd,bhkd->bhqk', q.astype(self.dtype), k.astype(self.dtype),
+                     preferred_element_type=jnp.float32)             # (B, H, n, L)
+      s = jnp.where(mask, s, -jnp.inf)    # masked keys get weight exactly 0
+      w = jax.nn.softmax(s, axis=-1)
+      o = jnp.einsum('bhqk,bhkd->bhqd', w.astype(self.dtype), v.astype(self.dtype))
+      o = jnp.swapaxes(o, 1, 2)                                       # (B, n, H, hd)
+    else:  # jax's fused attention; q already carries the temperature, hence scale 1
+      q, k, v = (jnp.swapaxes(t, 1, 2).astype(self.dtype) for t in (q, k, v))  # (B, n|L, H, hd)
+      o = jax.nn.dot_product_attention(
+          q, k, v, mask=jnp.asarray(mask, bool), scale=1.0,
+          implementation=None if self.attention == 'auto' else self.attention)  # (B, n, H, hd)
     proj_init = nn.initializers.truncated_normal(std / math.sqrt(2 * self.depth))
     w_proj = self.param('proj', _p(proj_init, ('heads', None, 'embed')), (h, hd, self.width))
     b_proj = self.param('proj_bias', _p(nn.initializers.zeros, ('embed',)), (self.width,))
@@ -137,6 +149,7 @@ class Block(nn.Module):
   depth: int
   mlp_ratio: float = 4.0
   dtype: Dtype = jnp.float32
+  attention: str = 'einsum'
 
   @nn.compact
   def __call__(self, x, cache, cond, mask, offset):
@@ -150,7 +163,8 @@ class Block(nn.Module):
     g1, g2, s1, s2, b1, b2 = (ada[:, :, i] for i in range(6))         # each (B, 1, C)
 
     h = _layer_norm(x) * (1 + s1) + b1
-    h, cache = Attention(c, self.heads, self.depth, self.dtype, name='attn')(h, cache, mask, offset)
+    h, cache = Attention(c, self.heads, self.depth, self.dtype, self.attention,
+                         name='attn')(h, cache, mask, offset)
     x = _constrain(x + h * g1)
 
     hidden = int(round(c * self.mlp_ratio))
@@ -184,6 +198,7 @@ class VAR(nn.Module):
   mlp_ratio: float = 4.0
   label_dropout: float = 0.1
   dtype: Dtype = jnp.float32
+  attention: str = 'einsum'
 
   @property
   def num_tokens(self) -> int:
@@ -214,7 +229,7 @@ class VAR(nn.Module):
         in_axes=(0, nn.broadcast, nn.broadcast, nn.broadcast),
         length=self.depth,
         metadata_params={nn.PARTITION_NAME: None},
-    )(c, self.heads, self.depth, self.mlp_ratio, self.dtype)
+    )(c, self.heads, self.depth, self.mlp_ratio, self.dtype, self.attention)
     self.head_ada = nn.Dense(2 * c, dtype=self.dtype,
                              kernel_init=_p(_ada_init(std, c, gate_chunks=0), ('embed', 'mlp')),
                              bias_init=_p(nn.initializers.zeros, ('mlp',)))
@@ -286,4 +301,5 @@ def from_config(config, shapes, num_instruments: int, dtype=None) -> VAR:
              scales=tuple(shapes.scales), num_pitches=int(shapes.num_pitches),
              num_instruments=int(num_instruments), depth=int(a.depth),
              width=int(a.width or 64 * a.depth), heads=int(a.heads or a.depth),
-             mlp_ratio=float(a.mlp_ratio), label_dropout=float(a.label_dropout), dtype=dtype)
+             mlp_ratio=float(a.mlp_ratio), label_dropout=float(a.label_dropout), dtype=dtype,
+             attention=str(a.attention))
