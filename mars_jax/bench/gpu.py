@@ -118,8 +118,9 @@ def sampling_rows(config, batches, reps):
           'rows': rows}
 
 
-def _guarded(name, fn, result):
-  """Runs fn() into result[name]; an error is recorded (type, message, traceback) and skipped."""
+def _guarded(name, fn, result, out=''):
+  """Runs fn() into result[name]; an error is recorded (type, message, traceback) and skipped.
+  With `out`, the result so far is written there after each part (a killed run keeps them)."""
   t0 = time.perf_counter()
   try:
     result[name] = fn()
@@ -128,6 +129,9 @@ def _guarded(name, fn, result):
     result[name] = {'error': f'{type(e).__name__}: {str(e)[:2000]}',
                     'traceback': traceback.format_exc()[-4000:]}
   result[name]['wall_s'] = time.perf_counter() - t0
+  if out:
+    with open(out, 'w') as f:
+      f.write(json.dumps(result) + '\n')
 
 
 def _fmt(v, spec='.3f', none='n/a'):
@@ -211,10 +215,11 @@ def main(argv):
   batches = [int(b) for b in (args.batches or ('1,2' if smoke else '1,8,64')).split(',')]
   if 'matmul' in parts:
     n, dtype = (256, jnp.float32) if smoke else (8192, jnp.bfloat16)
-    _guarded('matmul', lambda: measure_matmul(n, dtype), result)
+    _guarded('matmul', lambda: measure_matmul(n, dtype), result, args.out)
   if 'tokenizer' in parts:
     _guarded('tokenizer', lambda: train_step(config, 'tokenizer', tok_batch,
-                                             tok_bench.tokenizer_task, peak, 2, steps), result)
+                                             tok_bench.tokenizer_task, peak, 2, steps), result,
+             args.out)
   if 'var' in parts:
     for i, attention in enumerate(args.attention.split(',') if args.attention else ['']):
       c = config.copy_and_resolve_references()
@@ -222,10 +227,11 @@ def main(argv):
         c.autoregressor.attention = attention
       name = 'var' if i == 0 else f'var_{attention}'
       _guarded(name, lambda c=c: train_step(c, 'autoregressor', var_batch, var_task, peak, 2,
-                                            steps), result)
+                                            steps), result, args.out)
       result[name]['attention'] = c.autoregressor.attention
   if 'sampling' in parts:
-    _guarded('sampling', lambda: sampling_rows(config, batches, 1 if smoke else 5), result)
+    _guarded('sampling', lambda: sampling_rows(config, batches, 1 if smoke else 5), result,
+             args.out)
   result['total_s'] = time.perf_counter() - t_start
   print(table(result))
   text = json.dumps(result)
