@@ -110,8 +110,8 @@ def get_config():
   c.sample = mlc.ConfigDict()
   c.sample.num = 64
   c.sample.cfg = 3.0                 # guidance at the last scale; ramps linearly from 0
-  c.sample.top_k = 600
-  c.sample.top_p = 0.96
+  c.sample.top_k = 600               # keep the k most likely codes; <= 0 (or >= vocabulary): off
+  c.sample.top_p = 0.96              # then the smallest nucleus of mass >= p; <= 0 or >= 1: off
   c.sample.seed = 0
   c.sample.batch_size = 16
   c.sample.pitches = ()              # () = the whole pitch range

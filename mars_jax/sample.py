@@ -54,7 +54,8 @@ class Generator:
     self.pitches = list(range(self.shapes.pitch_lo, self.shapes.pitch_lo + self.shapes.num_pitches))
     self._tok, self._var = tok_model, var_model
     self._tok_params, self._var_params = tok_params, var_params
-    self._spec_fn = jax.jit(self._tokens_to_spectrogram)
+    # top_k / top_p are static: they choose the filter's shapes (models/sampling.filter_logits).
+    self._spec_fn = jax.jit(self._tokens_to_spectrogram, static_argnums=(7, 8))
     self._audio_fn = jax.jit(functools.partial(griffin_lim.to_audio, spec_cfg=config.spectrogram))
 
   @classmethod
@@ -101,8 +102,7 @@ class Generator:
     spec, _ = self._spec_fn(
         self._var_params, self._tok_params, p_ids, i_ids, jnp.asarray(seeds, jnp.int32),
         jax.random.PRNGKey(0), jnp.float32(s.cfg if cfg is None else cfg),
-        jnp.int32(s.top_k if top_k is None else top_k),
-        jnp.float32(s.top_p if top_p is None else top_p))
+        int(s.top_k if top_k is None else top_k), float(s.top_p if top_p is None else top_p))
     return spec
 
   def audio(self, spec):

@@ -67,8 +67,9 @@ def _samplers():
   codebook = jax.random.normal(jax.random.key(7), (V, D))
   kw = dict(next_input_fn=fake_next_input_fn(codebook), latent_shape=(SIDE, SIDE, D))
   cached = jax.jit(functools.partial(sampling.sample_tokens, MODEL, **kw),
-                   static_argnames=('guidance',))
-  nocache = jax.jit(functools.partial(sampling.sample_tokens_nocache, MODEL, **kw))
+                   static_argnames=('guidance', 'top_k', 'top_p'))
+  nocache = jax.jit(functools.partial(sampling.sample_tokens_nocache, MODEL, **kw),
+                    static_argnames=('top_k', 'top_p'))
   return cached, nocache
 
 
@@ -123,6 +124,20 @@ def test_fused_attention_is_the_same_function(params):
     np.testing.assert_array_equal(np.asarray(t), np.asarray(r))
 
 
+def _sorted_filter(logits, top_k, top_p):
+  """The filter as first written (sort the whole vocabulary): the fast one must equal it."""
+  v = logits.shape[-1]
+  srt = -jnp.sort(-logits, axis=-1)
+  idx = jnp.arange(v)
+  k = v if (top_k <= 0 or top_k > v) else top_k
+  in_k = idx < k
+  probs = jax.nn.softmax(jnp.where(in_k, srt, -jnp.inf), axis=-1)
+  before = jnp.cumsum(probs, axis=-1) - probs
+  keep = in_k & ((before < top_p) | (top_p >= 1.0) | (top_p <= 0.0) | (idx == 0))
+  cut = jnp.take_along_axis(srt, jnp.sum(keep, axis=-1, keepdims=True) - 1, axis=-1)
+  return jnp.where(logits >= cut, logits, -jnp.inf)
+
+
 def test_filter_logits():
   logits = jnp.log(jnp.array([[0.5, 0.05, 0.3, 0.15]]))
   keep = lambda k, p: np.isfinite(np.asarray(sampling.filter_logits(logits, k, p)))[0]
@@ -131,7 +146,16 @@ def test_filter_logits():
   np.testing.assert_array_equal(keep(0, 0.7), [1, 0, 1, 0])   # 0.5 < 0.7 <= 0.8
   np.testing.assert_array_equal(keep(0, 0.5), [1, 0, 0, 0])
   np.testing.assert_array_equal(keep(3, 0.9), [1, 0, 1, 1])   # nucleus of the top-3
-  np.testing.assert_array_equal(keep(1, 0.0), [1, 0, 0, 0])   # best token always kept
+  np.testing.assert_array_equal(keep(1, 1.0), [1, 0, 0, 0])   # best token always kept
+  np.testing.assert_array_equal(keep(0, 0.0), [1, 1, 1, 1])   # top_p <= 0: no nucleus (VAR)
+  np.testing.assert_array_equal(keep(2, -1.0), [1, 0, 1, 0])
+  assert sampling.filter_logits(logits, 0, 1.0) is logits     # the no-filter path is static
+  # top-k slice + nucleus == the full sort, on random logits with ties, for many settings.
+  rng = np.random.default_rng(0)
+  big = jnp.asarray(np.round(rng.standard_normal((3, 5, 257)) * 4) / 4, jnp.float32)
+  for k, p in [(0, 0.9), (1, 0.5), (20, 1.0), (20, 0.5), (300, 0.96), (257, 0.3), (7, 0.0)]:
+    np.testing.assert_array_equal(np.asarray(sampling.filter_logits(big, k, p)),
+                                  np.asarray(_sorted_filter(big, k, p)), err_msg=f'{k} {p}')
   assert sampling.guidance_weight(3.0, 0, 4) == 0.0
   assert sampling.guidance_weight(3.0, 3, 4) == 3.0
 

@@ -7,7 +7,7 @@ Measures, in one process, at configs/base.py (bf16 compute, as the config says):
              compile s, median step s, FLOPs from the compiled cost analysis, MFU, XLA's memory
              analysis and the device's peak bytes in use;
   var        the same for the autoregressor stage's step (the frozen tokenizer's encoder runs
-             inside it, as in training: its FLOPs are counted too);
+             inside it, as in training), its FLOPs counted analytically (`var_model_flops`);
   sampling   the Generator's two programs at batch 1, 8, 64 with random weights: tokens ->
              spectrogram (CFG on) and Griffin-Lim, alone and together: compile s, median s,
              real-time factor (batch x clip seconds / wall seconds).
@@ -45,22 +45,39 @@ def device_peak_bytes():
   return int(value) if value is not None else None
 
 
-def measure_matmul(n, dtype, reps=10):
-  """Achieved FLOP/s of an n x n x n matmul on random data (median of `reps` after warm-up)."""
+def measure_matmul(n, dtype, reps=5, calls=20, warm_s=1.0):
+  """Achieved FLOP/s of an n x n x n matmul on random data: `calls` back-to-back products per
+  timing (one sync), median of `reps`, after `warm_s` seconds of warm-up (clocks ramp up)."""
   import jax
   import jax.numpy as jnp
   ka, kb = jax.random.split(jax.random.PRNGKey(0))
   a = jax.random.normal(ka, (n, n), dtype)
   b = jax.random.normal(kb, (n, n), dtype)
   f = jax.jit(lambda x, y: x @ y)
-  jax.block_until_ready(f(a, b))
+  t0 = time.perf_counter()
+  while time.perf_counter() - t0 < warm_s:
+    jax.block_until_ready(f(a, b))
   times = []
   for _ in range(reps):
     t0 = time.perf_counter()
-    jax.block_until_ready(f(a, b))
-    times.append(time.perf_counter() - t0)
+    outs = [f(a, b) for _ in range(calls)]
+    jax.block_until_ready(outs)
+    times.append((time.perf_counter() - t0) / calls)
   med = statistics.median(times)
   return {'n': n, 'dtype': jnp.dtype(dtype).name, 'seconds': med, 'flops_per_s': 2 * n ** 3 / med}
+
+
+def var_model_flops(config, shapes, batch):
+  """Analytic FLOPs of one VAR train step (forward + backward = 3 x forward), as MaxText counts
+  model FLOPs: the per-token matmuls (attention projections, MLP, word embedding, head) and the
+  L x L attention products. The per-note AdaLN and the frozen encoder are left out (< 2%).
+  XLA's cost analysis counts the body of the scanned blocks once, so it cannot serve here."""
+  a = config.autoregressor
+  c, depth = int(a.width or 64 * a.depth), int(a.depth)
+  tokens, vocab, code = shapes.num_tokens, int(config.tokenizer.codebook_size), shapes.latent[2]
+  per_token = depth * (4 + 2 * float(a.mlp_ratio)) * c * c + c * vocab + code * c
+  attention = depth * 4 * tokens * tokens * c                     # QK^T and AV, per note
+  return 3 * batch * (2 * tokens * per_token + attention)
 
 
 def var_task(config, shapes, rows):
@@ -81,14 +98,16 @@ def var_task(config, shapes, rows):
   return task, model, local
 
 
-def train_step(config, stage, batch, make, peak, warmup, steps):
+def train_step(config, stage, batch, make, peak, warmup, steps, profile_dir=''):
   """Compile + time one stage's train step; a dict of its numbers."""
   _log(f'[{stage}] batch {batch}: compiling ...')
   step = tok_bench.Step(config, batch, stage=stage, make=make)
   _log(f'[{stage}] compiled in {step.compile_s:.1f} s; {step.param_count / 1e6:.1f} M params')
-  times = step.time_steps(warmup=warmup, steps=steps)
+  times = step.time_steps(warmup=warmup, steps=steps, profile_dir=profile_dir)
   med = statistics.median(times)
   flops = tok_bench.flops_of(step.compiled)
+  if stage == 'autoregressor':   # the scan over blocks hides all but one block from XLA's count
+    flops = var_model_flops(config, step.shapes, batch)
   mem = step.memory()
   out = {'batch': batch, 'params': step.param_count,
          'compute_dtype': config[stage].train.compute_dtype, 'compile_s': step.compile_s,
@@ -186,7 +205,9 @@ def main(argv):
   p.add_argument('--smoke', action='store_true',
                  help='tiny shapes and batches (CPU-sized): checks the code path, measures nothing')
   p.add_argument('--tok-batch', type=int, default=0, help='tokenizer global batch (0: 32; smoke 2)')
-  p.add_argument('--var-batch', type=int, default=0, help='VAR global batch (0: 64; smoke 2)')
+  p.add_argument('--var-batch', default='', help='VAR global batches, e.g. 64,128 (default 64; '
+                 'smoke 2)')
+  p.add_argument('--profile', default='', help='trace 3 steps of each train step into DIR/NAME')
   p.add_argument('--batches', default='', help='sampling batches (default 1,8,64; smoke 1,2)')
   p.add_argument('--steps', type=int, default=0, help='timed train steps (default 10; smoke 2)')
   p.add_argument('--attention', default='',
@@ -210,7 +231,8 @@ def main(argv):
             'config': args.config if not smoke else 'tiny (smoke)', 'smoke': smoke}
   parts = set(args.parts.split(','))
   tok_batch = args.tok_batch or (2 if smoke else 32)
-  var_batch = args.var_batch or (2 if smoke else 64)
+  var_batches = [int(b) for b in (args.var_batch or ('2' if smoke else '64')).split(',')]
+  prof = lambda name: f'{args.profile}/{name}' if args.profile else ''
   steps = args.steps or (2 if smoke else 10)
   batches = [int(b) for b in (args.batches or ('1,2' if smoke else '1,8,64')).split(',')]
   if 'matmul' in parts:
@@ -218,16 +240,19 @@ def main(argv):
     _guarded('matmul', lambda: measure_matmul(n, dtype), result, args.out)
   if 'tokenizer' in parts:
     _guarded('tokenizer', lambda: train_step(config, 'tokenizer', tok_batch,
-                                             tok_bench.tokenizer_task, peak, 2, steps), result,
-             args.out)
+                                             tok_bench.tokenizer_task, peak, 2, steps,
+                                             prof('tokenizer')), result, args.out)
   if 'var' in parts:
-    for i, attention in enumerate(args.attention.split(',') if args.attention else ['']):
+    variants = [(a, b) for a in (args.attention.split(',') if args.attention else [''])
+                for b in var_batches]
+    for i, (attention, batch) in enumerate(variants):
       c = config.copy_and_resolve_references()
       if attention:
         c.autoregressor.attention = attention
-      name = 'var' if i == 0 else f'var_{attention}'
-      _guarded(name, lambda c=c: train_step(c, 'autoregressor', var_batch, var_task, peak, 2,
-                                            steps), result, args.out)
+      name = 'var' if i == 0 else f'var_{c.autoregressor.attention}_b{batch}'
+      _guarded(name, lambda c=c, b=batch, n=name: train_step(
+          c, 'autoregressor', b, var_task, peak, 2, steps, prof(n) if b == var_batches[0] else ''),
+               result, args.out)
       result[name]['attention'] = c.autoregressor.attention
   if 'sampling' in parts:
     _guarded('sampling', lambda: sampling_rows(config, batches, 1 if smoke else 5), result,

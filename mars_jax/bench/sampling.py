@@ -112,7 +112,7 @@ class Bench:
     inst = jnp.asarray([i % len(self.gen.instruments) for i in range(batch)], jnp.int32)
     seeds = jnp.arange(batch, dtype=jnp.int32)
     return (self.gen._var_params, self.gen._tok_params, pitch, inst, seeds,
-            jax.random.PRNGKey(0), jnp.float32(s.cfg), jnp.int32(s.top_k), jnp.float32(s.top_p))
+            jax.random.PRNGKey(0), jnp.float32(s.cfg), int(s.top_k), float(s.top_p))
 
   def _reps(self, fn):
     """Up to `reps` timed calls, stopping once they add up to `rep_seconds` (at least one)."""

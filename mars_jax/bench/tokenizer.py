@@ -180,8 +180,9 @@ class Step:
     out['total_minus_alias_bytes'] = out['total_bytes'] - out['alias_size_in_bytes']
     return out
 
-  def time_steps(self, warmup=2, steps=5):
-    """Runs the compiled step on random images; returns the per-step wall times (s)."""
+  def time_steps(self, warmup=2, steps=5, profile_dir=''):
+    """Runs the compiled step on random images; returns the per-step wall times (s). With
+    `profile_dir`, 3 more steps are traced there (jax.profiler, with a Perfetto trace)."""
     jax, engine, part, nn = self._jax, self._engine, self._part, self._nn
     rng = np.random.default_rng(0)
     local = {k: (rng.uniform(-1, 1, v.shape).astype(v.dtype) if v.dtype.kind == 'f'
@@ -203,6 +204,11 @@ class Step:
           times.append(dt)
         _log(f'  step {i}{" (warm-up)" if i < warmup else ""}: {dt:.3f}s '
              f'loss {float(metrics["loss"]):.4f}')
+      if profile_dir:
+        with jax.profiler.trace(profile_dir, create_perfetto_trace=True):
+          for _ in range(3):
+            state, metrics = self.compiled(state, batch, *self.extra_args)
+          jax.block_until_ready((state, metrics))
     return times
 
 

@@ -5,12 +5,13 @@ Python loop (K is static), every shape is static, and the cache is updated in pl
 `lax.dynamic_update_slice`. Bind the static parts with functools.partial and jit the rest:
 
     fn = jax.jit(functools.partial(sample_tokens, model, next_input_fn=q_step,
-                                   latent_shape=shapes.latent))
-    tokens, f_hat = fn(variables, pitch, inst, seeds, key, cfg=3.0, top_k=600, top_p=0.96)
+                                   latent_shape=shapes.latent, top_k=600, top_p=0.96))
+    tokens, f_hat = fn(variables, pitch, inst, seeds, key, cfg=3.0)
 
 Static: `model`, `next_input_fn`, `latent_shape`, `guidance` (whether the NULL-condition rows are
-run at all). Traced (changing them does not recompile): `cfg`, `top_k`, `top_p`, `temperature`.
-top_k <= 0 (or >= V) and top_p >= 1 disable the respective filter.
+run at all), `top_k`, `top_p` (they choose the filter's shapes: see `filter_logits`). Traced
+(changing them does not recompile): `cfg`, `temperature`. top_k <= 0 (or >= V) and top_p <= 0
+(or >= 1) disable the respective filter.
 
 Randomness: row b draws with key fold_in(fold_in(key, seeds[b]), k) at scale k, so a sample
 depends on its own seed only, never on its batch neighbours.
@@ -34,24 +35,30 @@ def guidance_weight(cfg, k: int, num_scales: int):
   return cfg * (k / max(num_scales - 1, 1))
 
 
-def filter_logits(logits, top_k, top_p):
+def filter_logits(logits, top_k: int, top_p: float):
   """Keeps the top_k largest logits, then the smallest nucleus of mass >= top_p among them.
 
-  logits (..., V); top_k / top_p may be traced scalars. Everything dropped becomes -inf; the
-  most likely token is always kept. Ties at the cut-off are kept.
+  logits (..., V); top_k and top_p are static Python numbers (each setting compiles once):
+  top_k <= 0 or >= V and top_p <= 0 or >= 1 turn the respective filter off (VAR's convention),
+  and with both off the logits pass through untouched. Only the top_k slice is sorted
+  (`lax.top_k`), never the whole vocabulary: sorting is slow on XLA's CPU backend. Everything
+  dropped becomes -inf; the most likely token is always kept; ties at the cut-off are kept.
   """
   v = logits.shape[-1]
-  srt = -jnp.sort(-logits, axis=-1)                                   # (..., V) descending
-  idx = jnp.arange(v)
-  top_k = jnp.asarray(top_k)
-  k = jnp.where((top_k <= 0) | (top_k > v), v, top_k)
-  in_k = idx < k
-  masked = jnp.where(in_k, srt, -jnp.inf)
-  probs = jax.nn.softmax(masked, axis=-1)
-  before = jnp.cumsum(probs, axis=-1) - probs                         # mass of better tokens
-  keep = in_k & ((before < top_p) | (jnp.asarray(top_p) >= 1.0) | (idx == 0))
-  n_keep = jnp.sum(keep, axis=-1, keepdims=True)                      # keep is a prefix, >= 1
-  cut = jnp.take_along_axis(srt, n_keep - 1, axis=-1)                 # (..., 1)
+  k = v if (top_k <= 0 or top_k >= v) else int(top_k)
+  nucleus = 0.0 < top_p < 1.0
+  if k == v and not nucleus:
+    return logits
+  top = jax.lax.top_k(logits, k)[0]                                   # (..., k) descending
+  n_keep = k
+  if nucleus:
+    probs = jax.nn.softmax(top, axis=-1)
+    before = jnp.cumsum(probs, axis=-1) - probs                       # mass of better tokens
+    keep = (before < top_p) | (jnp.arange(k) == 0)                    # a prefix, >= 1 long
+    n_keep = jnp.sum(keep, axis=-1, keepdims=True)
+    cut = jnp.take_along_axis(top, n_keep - 1, axis=-1)               # (..., 1)
+  else:
+    cut = top[..., k - 1:k]
   return jnp.where(logits >= cut, logits, -jnp.inf)
 
 
