@@ -102,8 +102,9 @@ def get_config():
   c.autoregressor.mlp_ratio = 4.0
   c.autoregressor.label_dropout = 0.1
   # Attention kernel: 'einsum' (reference, fastest on CPU), or jax.nn.dot_product_attention
-  # with implementation 'xla', 'cudnn' (fused, bf16 on a GPU) or 'auto' (jax picks).
-  c.autoregressor.attention = 'einsum'
+  # with implementation 'xla' or 'cudnn' (fused: the only one that fits base's batch on one
+  # GPU); 'auto' = cudnn on a GPU with bf16/fp16 compute, else einsum.
+  c.autoregressor.attention = 'auto'
   c.autoregressor.train = _train(steps=200_000, batch_size=256, lr=1e-4)
 
   # --- sampling -----------------------------------------------------------

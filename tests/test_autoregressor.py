@@ -229,6 +229,11 @@ def test_from_config():
   assert names['head']['kernel'] == jax.sharding.PartitionSpec('embed', 'vocab')
   assert abstract['params']['pitch_embed'].value.shape == (shapes.num_pitches + 1, 128)
   assert ar.init_cache(m, 3)['k'].shape == (3, 3, 4, 85, 32)
+  # attention 'auto': the fused cuDNN kernel only on a GPU in 16-bit, else the einsum path.
+  assert m.attention == ('cudnn' if jax.default_backend() == 'gpu' and m.dtype != jnp.float32
+                         else 'einsum')
+  cfg.autoregressor.attention = 'xla'
+  assert ar.from_config(cfg, shapes, num_instruments=4).attention == 'xla'
 
 
 def test_sharded_forward_matches(params):

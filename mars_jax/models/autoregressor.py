@@ -28,9 +28,12 @@ Dtype = Any
 ACT = ('batch', None, 'embed')          # (B, L, C) activations at block boundaries
 _LN_EPS = 1e-6
 # How attention is computed (config autoregressor.attention); all give the same function:
-#   einsum  two einsums and a float32 softmax (the reference path, fastest on CPU);
-#   xla / cudnn / auto  jax.nn.dot_product_attention with that implementation (auto: jax picks
-#           cuDNN's fused kernel where it applies, e.g. bf16 on a GPU, else XLA).
+#   einsum  two einsums and a float32 softmax (the reference path, fastest on CPU); it keeps
+#           the (B, H, L, L) scores for the backward pass: 111 GiB at base, batch 64;
+#   xla / cudnn  jax.nn.dot_product_attention with that implementation; cudnn is the fused
+#           kernel (GPU, bf16/fp16), which never stores the scores: 65 GiB at base, batch 64;
+#   auto    resolved by `from_config`: cudnn on a GPU with a 16-bit compute dtype, else einsum.
+#           (jax's own implementation=None picks XLA for our block-causal mask.)
 ATTENTION = ('einsum', 'xla', 'cudnn', 'auto')
 _MAX_LOG_SCALE = math.log(100.0)        # VAR clamps the learned attention temperature here
 
@@ -93,7 +96,7 @@ class Attention(nn.Module):
   heads: int
   depth: int
   dtype: Dtype = jnp.float32
-  attention: str = 'einsum'   # 'einsum' | 'xla' | 'cudnn' | 'auto': see ATTENTION
+  attention: str = 'einsum'   # 'einsum' | 'xla' | 'cudnn': see ATTENTION
 
   @nn.compact
   def __call__(self, x, cache, mask, offset):
@@ -132,9 +135,8 @@ class Attention(nn.Module):
       o = jnp.swapaxes(o, 1, 2)                                       # (B, n, H, hd)
     else:  # jax's fused attention; q already carries the temperature, hence scale 1
       q, k, v = (jnp.swapaxes(t, 1, 2).astype(self.dtype) for t in (q, k, v))  # (B, n|L, H, hd)
-      o = jax.nn.dot_product_attention(
-          q, k, v, mask=jnp.asarray(mask, bool), scale=1.0,
-          implementation=None if self.attention == 'auto' else self.attention)  # (B, n, H, hd)
+      o = jax.nn.dot_product_attention(q, k, v, mask=jnp.asarray(mask, bool), scale=1.0,
+                                       implementation=self.attention)  # (B, n, H, hd)
     proj_init = nn.initializers.truncated_normal(std / math.sqrt(2 * self.depth))
     w_proj = self.param('proj', _p(proj_init, ('heads', None, 'embed')), (h, hd, self.width))
     b_proj = self.param('proj_bias', _p(nn.initializers.zeros, ('embed',)), (self.width,))
@@ -297,9 +299,13 @@ def from_config(config, shapes, num_instruments: int, dtype=None) -> VAR:
   a = config.autoregressor
   if dtype is None:
     dtype = jnp.dtype(a.train.compute_dtype)
+  attention = str(a.attention)
+  if attention == 'auto':
+    half = jnp.dtype(dtype) in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
+    attention = 'cudnn' if half and jax.default_backend() == 'gpu' else 'einsum'
   return VAR(vocab_size=int(config.tokenizer.codebook_size), code_dim=int(shapes.latent[2]),
              scales=tuple(shapes.scales), num_pitches=int(shapes.num_pitches),
              num_instruments=int(num_instruments), depth=int(a.depth),
              width=int(a.width or 64 * a.depth), heads=int(a.heads or a.depth),
              mlp_ratio=float(a.mlp_ratio), label_dropout=float(a.label_dropout), dtype=dtype,
-             attention=str(a.attention))
+             attention=attention)
