@@ -125,6 +125,10 @@ def get_config():
   c.evaluate.alpha = 0.05            # NDB two-proportion z-test level
   c.evaluate.max_real = 10_000       # real examples used per split (0 = all)
   c.evaluate.report_grid = 8         # at most this many pitches x instruments in report.html
+  c.evaluate.ceiling_notes = 96      # held-out notes through Griffin-Lim and the tokenizer (gl_*,
+                                     # recon_*, real_pitch_*): standard error ~5 points at 96
+  c.evaluate.report_triples = 2      # held-out notes a shown instrument gets in report.html
+                                     # (original, Griffin-Lim, round trip; report_grid instruments)
 
   # Pitch and instrument classifiers the evaluation trains (their embeddings feed KID/FD).
   c.classifier = mlc.ConfigDict()

@@ -6,6 +6,7 @@ on the real ceiling, and a collapsed set (one note repeated) must score worse.
 import json
 import math
 import os
+import re
 import shutil
 
 import numpy as np
@@ -103,6 +104,41 @@ def _clone(src, dst):
     shutil.copytree(classifiers.stage_dir(src, t), classifiers.stage_dir(dst, t))
 
 
+# An accuracy (a fraction of notes), by name, whatever its prefix (real_, gl_, recon_ or none).
+ACCURACY = re.compile(r'^(real_|gl_|recon_)?(pitch_(exact|within_semitone|detected)'
+                      r'|clf_(pitch|instrument)_match)$|^acc_\w+_classifier$')
+
+
+def check_ceilings(config, m, workdir):
+  """metrics.json's ceilings contract and report.html's table and listening triples."""
+  for k in ('pitch_within_semitone', 'recon_pitch_within_semitone', 'gl_pitch_within_semitone',
+            'real_pitch_within_semitone'):   # DESIGN.md's contract
+    assert k in m and 0.0 <= m[k] <= 1.0, k
+  accuracies = [k for k in m if ACCURACY.match(k)]
+  assert len(accuracies) == 4 * 5 + 2, sorted(accuracies)   # 4 columns x 5 estimators + 2
+  for k in accuracies:   # every accuracy carries its standard error and its n
+    n = m[k + '_n']
+    assert n >= 1 and m[k + '_se'] == pytest.approx(math.sqrt(m[k] * (1 - m[k]) / n)), k
+  n_test = m['num_real_test']
+  assert m['num_ceiling'] == min(n_test, config.evaluate.ceiling_notes)
+  assert m['gl_pitch_within_semitone_n'] == m['num_ceiling'] == m['recon_clf_pitch_match_n']
+  assert m['real_clf_pitch_match_n'] == n_test and m['pitch_exact_n'] == m['num_generated']
+  # Clean synthetic notes survive Griffin-Lim; an untrained tokenizer loses them.
+  assert m['gl_pitch_within_semitone'] >= 0.9
+  assert m['recon_pitch_within_semitone'] < m['gl_pitch_within_semitone'] - 0.3
+  assert m['gl_mse'] < m['recon_audio_mse'] and m['recon_mse'] > 0
+  with open(os.path.join(workdir, 'report.html'), encoding='utf-8') as f:
+    page = f.read()
+  assert '<table class="ceilings">' in page and 'Griffin-Lim of the true spectrogram' in page
+  triples = re.search(r'<table class="triples">(.*?)</table>', page, re.S).group(1)
+  families = len(config.data.synthetic.families)
+  shown = min(families, config.evaluate.report_grid) * config.evaluate.report_triples
+  assert triples.count('<tr>') == 1 + shown                     # header + one row a note
+  assert triples.count('<audio') == triples.count('<img') == 3 * shown
+  rows = re.findall(r'<th>(\w+), MIDI', triples)
+  assert len(rows) == shown and set(rows) <= set(config.data.synthetic.families)
+
+
 def test_metrics_real_notes_reach_the_ceiling_and_collapse_is_worse(workdir, tmp_path):
   c = small_config()
   notes = held_out_notes(c)
@@ -129,7 +165,7 @@ def test_metrics_real_notes_reach_the_ceiling_and_collapse_is_worse(workdir, tmp
   assert abs(m['ndb_k'] - m['real_ndb_k']) <= 0.1
   assert abs(m['nn_dist_generated'] - m['nn_dist_real']) < 0.05
   assert m['acc_pitch_classifier'] > 1.5 / 12  # better than chance after a few steps
-  assert os.path.exists(os.path.join(workdir, 'report.html'))
+  check_ceilings(c, m, workdir)
   # Skipped when complete; new samples invalidate.
   for t in classifiers.TARGETS:
     assert classifiers.is_trained(c, workdir, t)

@@ -16,9 +16,17 @@ from mars_jax.evaluate import report
 
 SR = 8000
 N = 8192
-SPEC = types.SimpleNamespace(n_fft=256, hop=64, log_eps=1e-5, log_max=1.0)
-CONFIG = types.SimpleNamespace(spectrogram=types.SimpleNamespace(sample_rate=SR),
-                               data=types.SimpleNamespace(source='synthetic'))
+SPEC = types.SimpleNamespace(sample_rate=SR, n_fft=256, hop=64, log_eps=1e-5, log_max=1.0,
+                             duration=N / SR)
+CONFIG = types.SimpleNamespace(spectrogram=SPEC, data=types.SimpleNamespace(source='synthetic'))
+# The ceilings of one estimator along the chain, as the evaluate stage writes them.
+CEILING_METRICS = {'real_pitch_within_semitone': 1.0, 'gl_pitch_within_semitone': 0.96,
+                   'recon_pitch_within_semitone': 0.5, 'pitch_within_semitone': 0.25,
+                   'gl_mse': 0.01, 'recon_audio_mse': 0.04, 'recon_mse': 0.02}
+for _k in ('real_', 'gl_', 'recon_', ''):
+  _p = CEILING_METRICS[_k + 'pitch_within_semitone']
+  CEILING_METRICS[_k + 'pitch_within_semitone_se'] = (_p * (1 - _p) / 96) ** 0.5
+  CEILING_METRICS[_k + 'pitch_within_semitone_n'] = 96
 
 
 def _note(midi, seed=0):
@@ -49,8 +57,16 @@ def fake_workdir(root):
   grid = {'pitches': [60, 64], 'instruments': ['brass', 'flute'], 'instrument_ids': [0, 1],
           'cells': cells}
   metrics = {'pis': 2.0, 'real_pis': 3.0, 'ndb_k': float('nan'), 'num_generated': 3,
-             'extra_metric': 1.5}
-  return report.write_report(CONFIG, root, metrics, grid), len(cells)
+             'extra_metric': 1.5, **CEILING_METRICS}
+  triples = []
+  for p, name in ((60, 'brass'), (67, 'flute')):
+    notes = {}
+    for key, seed in (('real', 0), ('gl', 1), ('recon', 2)):
+      w = _note(p, seed)
+      notes[key] = (spec_lib.spectrogram(w, SPEC), w)
+    triples.append({'name': f'test/{name}_{p}', 'pitch': p, 'instrument': name, **notes})
+  path = report.write_report(CONFIG, root, metrics, grid, triples)
+  return path, len(cells) + 3 * len(triples) // 2
 
 
 class _Counter(html.parser.HTMLParser):
@@ -79,6 +95,57 @@ def test_report_parses_and_is_self_contained(tmp_path):
   assert row and row.groups() == ('2.0000', '3.0000')  # generated next to its real ceiling
   assert 'extra_metric' in page  # metrics without a label are still shown
   assert 'n/a' in page  # NaN shown as undefined, not as "nan"
+
+
+def _table(page, cls):
+  m = re.search(rf'<table class="{cls}">(.*?)</table>', page, re.S)
+  assert m, f'no <table class="{cls}"> in report.html'
+  return [[re.sub(r'<[^>]+>', '', c).strip() for c in re.findall(r'<t[hd][^>]*>(.*?)</t[hd]>', r,
+                                                                   re.S)]
+          for r in re.findall(r'<tr>(.*?)</tr>', m.group(1), re.S)]
+
+
+def test_report_shows_where_quality_is_lost(tmp_path):
+  path, _ = fake_workdir(str(tmp_path))
+  with open(path, encoding='utf-8') as f:
+    page = f.read()
+  assert '<h2>Where quality is lost</h2>' in page
+  rows = _table(page, 'ceilings')
+  head = rows[0]
+  assert [h.split()[0] for h in head[1:]] == ['real', 'Griffin-Lim', 'tokenizer', 'generated']
+  pitch = next(r for r in rows if r[0].startswith('pitch within a semitone'))
+  # Left to right: real, Griffin-Lim, round trip, generated, each +- its standard error and n.
+  assert pitch[1:] == ['1.0000 ± 0.0000 n=96', '0.9600 ± 0.0200 n=96', '0.5000 ± 0.0510 n=96',
+                       '0.2500 ± 0.0442 n=96'], pitch
+  mse = next(r for r in rows if r[0].startswith('MSE, spectrogram of the audio'))
+  assert mse[1:] == ['-', '0.0100', '0.0400', '-'], mse   # no true spectrogram: no cell
+  dec = next(r for r in rows if r[0].startswith('MSE, decoded'))
+  assert dec[1:] == ['-', '-', '0.0200', '-'], dec
+  assert 'pitch_within_semitone_se' not in page   # shown in the table, not listed again
+  triples = _table(page, 'triples')
+  assert [r[0] for r in triples[1:]] == ['brass, MIDI 60test/brass_60', 'flute, MIDI 67test/flute_67']
+  for r in triples[1:]:   # original, Griffin-Lim, round trip: each a player and an image
+    assert [c.split(':')[0] for c in r[1:]] == ['original', 'Griffin-Lim', 'round trip']
+  body = re.search(r'<table class="triples">(.*?)</table>', page, re.S).group(1)
+  assert body.count('<audio') == 6 and body.count('<img') == 6
+
+
+def test_spectrogram_images_have_axes_and_a_colour_bar():
+  """The PNG is a matplotlib figure (white margins with ticks around the spectrogram), not the
+  bare colour-mapped array: its size is the figure's, not the spectrogram's."""
+  import io
+  from PIL import Image
+  from mars_jax.evaluate import images
+  spec = spec_lib.spectrogram(_note(60), SPEC)                # (128, 128)
+  img = np.asarray(Image.open(io.BytesIO(images.spectrogram_png(spec, SPEC))).convert('RGB'))
+  assert img.shape == (240, 320, 3)
+  assert (img[0, 0] == 255).all() and (img[-1, -1] == 255).all()   # margins for labels
+  dark = (img.sum(-1) < 200).mean(1)          # rows with tick labels / spectrogram pixels
+  assert dark.max() > 0.3
+  # The same spectrogram twice gives the same bytes; another one differs (the figure is reused).
+  assert images.spectrogram_png(spec, SPEC) == images.spectrogram_png(spec, SPEC)
+  assert images.spectrogram_png(spec_lib.spectrogram(_note(72), SPEC), SPEC) != \
+      images.spectrogram_png(spec, SPEC)
 
 
 def _chromium():

@@ -29,6 +29,13 @@ def test_tokenizer_learns(trained_workdir):
   evals = [r['eval/mse'] for r in rows if 'eval/mse' in r]
   assert len(evals) == 3 and evals[-1] < evals[0]
   assert all(f'usage_{k}' in rows[-1] for k in range(len(config.tokenizer.scales)))
+  # The round trip's pitch (pyin on fixed held-out notes) is logged at each eval, beside the
+  # Griffin-Lim ceiling of the same notes, which does not move while the tokenizer trains.
+  pitch = [r for r in rows if 'recon_pitch_within_semitone' in r]
+  assert len(pitch) == 3 and all(0 <= r['recon_pitch_exact'] <= r['recon_pitch_within_semitone']
+                                 <= 1 for r in pitch)
+  assert {r['gl_pitch_within_semitone'] for r in pitch} == {pitch[0]['gl_pitch_within_semitone']}
+  assert pitch[0]['gl_pitch_within_semitone'] >= 0.8    # clean notes survive Griffin-Lim
   # Images and audio of each eval: original and reconstruction side by side.
   last = os.path.join(workdir, 'tokenizer', 'eval', 'step_0000030')
   assert {'0_original.png', '0_reconstructed.png', '0_reconstructed.wav'} <= set(os.listdir(last))

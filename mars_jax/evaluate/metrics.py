@@ -171,8 +171,20 @@ def _js_divergence(p, q):
   return float(0.5 * scipy.stats.entropy(p, m) + 0.5 * scipy.stats.entropy(q, m))
 
 
+def ndb_bins(reference, k: int = 50, seed: int = 0, whiten: bool = False) -> dict:
+  """NDB's bins fitted once on the reference set, reusable for several sample sets
+  (k-means is the expensive part: O(N * k * D * iters))."""
+  ref = _as2d(reference, 'reference')
+  mu, sd = np.zeros(ref.shape[1]), np.ones(ref.shape[1])
+  if whiten:
+    mu, sd = ref.mean(0), ref.std(0)
+    sd = np.where(sd > 0, sd, 1.0)
+  cent, ref_lab = kmeans((ref - mu) / sd, k, seed=seed)
+  return {'centroids': cent, 'ref_labels': ref_lab, 'mu': mu, 'sd': sd, 'k': k}
+
+
 def ndb(reference, samples, k: int = 50, alpha: float = 0.05, seed: int = 0,
-        whiten: bool = False) -> dict:
+        whiten: bool = False, bins: dict | None = None) -> dict:
   """Number of statistically Different Bins (Richardson & Weiss 2018).
 
   k-means (k bins) on the reference set; samples go to their nearest
@@ -180,17 +192,16 @@ def ndb(reference, samples, k: int = 50, alpha: float = 0.05, seed: int = 0,
   two-proportion z-test (pooled variance) at level alpha. Returns
   ndb (count of different bins), ndb_k (= ndb / k) and js, the
   Jensen-Shannon divergence (natural log, <= ln 2) between the two bin
-  histograms. whiten=True standardises features by the reference mean/std.
+  histograms. whiten=True standardises features by the reference mean/std. `bins`, from
+  ndb_bins(reference, k, seed, whiten), skips refitting the k-means (k/seed/whiten then
+  come from it).
   """
   ref, smp = _as2d(reference, 'reference'), _as2d(samples, 'samples')
   if ref.shape[1] != smp.shape[1]:
     raise ValueError(f'feature dims differ: {ref.shape} vs {smp.shape}')
-  if whiten:
-    mu, sd = ref.mean(0), ref.std(0)
-    sd = np.where(sd > 0, sd, 1.0)
-    ref, smp = (ref - mu) / sd, (smp - mu) / sd
-  cent, ref_lab = kmeans(ref, k, seed=seed)
-  smp_lab, _ = _assign(smp, cent)
+  bins = bins or ndb_bins(ref, k, seed=seed, whiten=whiten)
+  k, cent, ref_lab = bins['k'], bins['centroids'], bins['ref_labels']
+  smp_lab, _ = _assign((smp - bins['mu']) / bins['sd'], cent)
   n1, n2 = len(ref), len(smp)
   p1 = np.bincount(ref_lab, minlength=k) / n1
   p2 = np.bincount(smp_lab, minlength=k) / n2
@@ -203,6 +214,19 @@ def ndb(reference, samples, k: int = 50, alpha: float = 0.05, seed: int = 0,
   count = int(different.sum())
   return {'ndb': count, 'ndb_k': count / k, 'js': _js_divergence(p1, p2),
           'different_bins': different, 'ref_props': p1, 'sample_props': p2}
+
+
+# --- Accuracies ------------------------------------------------------------
+
+
+def standard_error(p, n) -> float:
+  """Binomial standard error sqrt(p (1 - p) / n) of an accuracy p measured on n items: about
+  5 points at p = 0.5, n = 100, so two accuracies closer than ~2 errors are not a result.
+  NaN when n = 0 or p is undefined."""
+  p, n = float(p), int(n)
+  if n <= 0 or not np.isfinite(p):
+    return float('nan')
+  return float(np.sqrt(max(p * (1.0 - p), 0.0) / n))
 
 
 # --- Pitch accuracy --------------------------------------------------------

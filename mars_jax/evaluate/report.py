@@ -31,20 +31,36 @@ PAIRED = (
      'real_fad_clf_pitch', 'lower'),
     ('Fréchet distance, instrument-classifier embeddings', 'fad_clf_instrument',
      'real_fad_clf_instrument', 'lower'),
-    ('pitch exact (librosa.pyin)', 'pitch_exact', 'real_pitch_exact', 'higher'),
-    ('pitch within a semitone (pyin)', 'pitch_within_semitone', 'real_pitch_within_semitone',
-     'higher'),
-    ('pitch detected (pyin voiced)', 'pitch_detected', 'real_pitch_detected', 'higher'),
-    ('pitch classifier agrees with the requested pitch', 'clf_pitch_match', 'real_clf_pitch_match',
-     'higher'),
-    ('instrument classifier agrees with the requested label', 'clf_instrument_match',
-     'real_clf_instrument_match', 'higher'),
     ('mean nearest-training-note cosine distance (memorisation: ~0 = copies)',
      'nn_dist_generated', 'nn_dist_real', 'similar'),
 )
+# "Where quality is lost": one row per estimator, one column per stage a note goes through.
+# A row maps a column's prefix to its key (default prefix + suffix); a column without a key
+# has no such measurement (a generated note has no true spectrogram to compare with).
+CEILING_COLUMNS = (('real held-out notes', 'real_'), ('Griffin-Lim of the true spectrogram', 'gl_'),
+                   ('tokenizer round trip (encode, decode, Griffin-Lim)', 'recon_'),
+                   ('generated', ''))
+CEILINGS = (
+    ('pitch within a semitone (librosa.pyin)', 'pitch_within_semitone', None),
+    ('pitch exact (pyin)', 'pitch_exact', None),
+    ('pitch detected (pyin voiced)', 'pitch_detected', None),
+    ('pitch classifier agrees with the labelled pitch', 'clf_pitch_match', None),
+    ('instrument classifier agrees with the label', 'clf_instrument_match', None),
+    ('PKID against the training notes', 'pkid', None),
+    ('IKID against the training notes', 'ikid', None),
+    ('fad_clf_pitch against the training notes', 'fad_clf_pitch', None),
+    ('NDB/k against the training notes', 'ndb_k', None),
+    ('MSE, spectrogram of the audio vs the true one (normalised scale)', None,
+     {'gl_': 'gl_mse', 'recon_': 'recon_audio_mse'}),
+    ('MAE, spectrogram of the audio vs the true one', None,
+     {'gl_': 'gl_mae', 'recon_': 'recon_audio_mae'}),
+    ('MSE, decoded spectrogram vs the true one (the tokenizer alone)', None,
+     {'recon_': 'recon_mse'}),
+    ('MAE, decoded spectrogram vs the true one', None, {'recon_': 'recon_mae'}),
+)
 SINGLE = (
-    ('tokenizer reconstruction MSE (held-out, normalised scale)', 'mse'),
-    ('tokenizer reconstruction MAE', 'mae'),
+    ('tokenizer reconstruction MSE (all held-out notes, normalised scale)', 'mse'),
+    ('tokenizer reconstruction MAE (all held-out notes)', 'mae'),
     ('pitch classifier test accuracy', 'acc_pitch_classifier'),
     ('instrument classifier test accuracy', 'acc_instrument_classifier'),
     ('generated notes', 'num_generated'),
@@ -52,6 +68,7 @@ SINGLE = (
     ('real training notes used', 'num_real_train'),
     ('real held-out notes used', 'num_real_test'),
     ('real held-out notes scored by pyin', 'num_real_pitch'),
+    ('held-out notes through Griffin-Lim and the tokenizer (the ceilings)', 'num_ceiling'),
 )
 
 _CSS = """
@@ -59,10 +76,10 @@ body{font-family:system-ui,sans-serif;margin:1.5em;color:#222;max-width:1400px}
 table{border-collapse:collapse;margin:.5em 0 1.5em}
 td,th{border:1px solid #ccc;padding:.25em .6em;text-align:left;vertical-align:top}
 td.n{text-align:right;font-variant-numeric:tabular-nums}
-.grid td{font-size:12px}
-.grid img{width:128px;height:128px;image-rendering:pixelated;display:block}
-.grid audio{width:128px;height:28px}
-.pair{display:flex;gap:6px}
+.grid td,.triples td{font-size:12px}
+figure img{display:block}
+figure audio{width:320px;height:28px}
+.pair{display:flex;flex-direction:column;gap:6px}
 .curves{display:flex;flex-wrap:wrap;gap:1em}
 figure{margin:0}
 figcaption{font-size:13px}
@@ -91,9 +108,10 @@ def _pool(spec, side=IMG_SIDE):
   return spec.reshape(F // a, a, T // b, b).mean((1, 3))
 
 
-def png_uri(spec):
-  """(F, T) normalised spectrogram -> data:image/png URI (low frequencies at the bottom)."""
-  return 'data:image/png;base64,' + base64.b64encode(images.spectrogram_png(_pool(spec))).decode()
+def png_uri(spec, spec_cfg):
+  """(F, T) normalised spectrogram -> data:image/png URI: axes in Hz and seconds, dB colour bar."""
+  png = images.spectrogram_png(_pool(spec), spec_cfg)
+  return 'data:image/png;base64,' + base64.b64encode(png).decode()
 
 
 def wav_uri(wave, sample_rate):
@@ -114,22 +132,26 @@ def load_curves(workdir):
   curves = {}
   for p in paths:
     name = os.fspath(p.parent)[len(os.fspath(root)):].strip('/')   # e.g. 'eval/pitch_classifier'
-    series = {}
+    series, pitch = {}, {}
     for line in p.read_text().splitlines():
       try:
         r = json.loads(line)
         step = float(r['step'])
       except (ValueError, KeyError, TypeError):
         continue
-      for key in ('loss', 'eval/loss'):
-        v = r.get(key)
-        if isinstance(v, (int, float)) and math.isfinite(v):
-          series.setdefault(key, []).append((step, float(v)))
+      for keys, out in ((('loss', 'eval/loss'), series), (PITCH_CURVES, pitch)):
+        for key in keys:
+          v = r.get(key)
+          if isinstance(v, (int, float)) and math.isfinite(v):
+            out.setdefault(key, []).append((step, float(v)))
     if series:
       curves[name] = series
+    if pitch:   # the tokenizer's round trip, tuned on while it trains
+      curves[f'{name} pitch'] = pitch
   return curves
 
 
+PITCH_CURVES = ('recon_pitch_within_semitone', 'gl_pitch_within_semitone')
 _COLOURS = ('#1f77b4', '#d62728', '#2ca02c', '#9467bd')
 
 
@@ -180,7 +202,36 @@ def svg_curve(series, width=420, height=220):
 # --- page --------------------------------------------------------------------------------------
 
 
-def _metrics_table(m):
+def _cell(m, key):
+  """A metric's table cell: value, and for an accuracy '± se' and its n."""
+  if key is None or key not in m:
+    return '<td class="n dim">-</td>'
+  se, n = m.get(key + '_se'), m.get(key + '_n')
+  extra = ''
+  if se is not None:
+    extra = f' ± {_fmt(se)}'
+  if n is not None:
+    extra += f' <span class="dim">n={_fmt(n)}</span>'
+  return f'<td class="n">{_fmt(m[key])}{extra}</td>'
+
+
+def _ceilings_table(m):
+  """Real -> Griffin-Lim -> tokenizer -> generated, the same estimator along each row."""
+  head = ''.join(f'<th>{html.escape(c)}</th>' for c, _ in CEILING_COLUMNS)
+  rows = [f'<table class="ceilings"><tr><th>estimator</th>{head}</tr>']
+  shown = set()
+  for label, suffix, keys in CEILINGS:
+    keys = keys or {p: p + suffix for _, p in CEILING_COLUMNS}
+    if not any(k in m for k in keys.values()):
+      continue
+    shown |= set(keys.values())
+    cells = ''.join(_cell(m, keys.get(p)) for _, p in CEILING_COLUMNS)
+    rows.append(f'<tr><td>{html.escape(label)}</td>{cells}</tr>')
+  rows.append('</table>')
+  return '\n'.join(rows), shown
+
+
+def _metrics_table(m, shown=()):
   rows = ['<table><tr><th>metric</th><th>generated</th><th>real held-out (ceiling)</th>'
           '<th>better</th></tr>']
   for label, g, r, better in PAIRED:
@@ -193,21 +244,39 @@ def _metrics_table(m):
   for label, k in SINGLE:
     if k in m:
       rows.append(f'<tr><td>{html.escape(label)} <span class="dim">({k})</span></td>'
-                  f'<td class="n">{_fmt(m[k])}</td></tr>')
-  known = {k for _, g, r, _ in PAIRED for k in (g, r)} | {k for _, k in SINGLE}
+                  f'{_cell(m, k)}</tr>')
+  known = {k for _, g, r, _ in PAIRED for k in (g, r)} | {k for _, k in SINGLE} | set(shown)
+  known |= {k + s for k in known for s in ('_se', '_n')}   # shown beside their accuracy
   for k in sorted(set(m) - known):
     rows.append(f'<tr><td>{html.escape(k)}</td><td class="n">{_fmt(m[k])}</td></tr>')
   rows.append('</table>')
   return '\n'.join(rows)
 
 
-def _note(spec, wave, sr, caption):
-  return (f'<figure><img alt="{html.escape(caption)}" src="{png_uri(spec)}">'
-          f'<audio controls preload="auto" src="{wav_uri(wave, sr)}"></audio>'
+def _note(spec, wave, spec_cfg, caption):
+  return (f'<figure><img alt="{html.escape(caption)}" src="{png_uri(spec, spec_cfg)}">'
+          f'<audio controls preload="auto" src="{wav_uri(wave, spec_cfg.sample_rate)}"></audio>'
           f'<figcaption>{html.escape(caption)}</figcaption></figure>')
 
 
-def _grid_table(grid, sr):
+def _triples_table(triples, spec_cfg):
+  """Held-out notes heard at each ceiling: original, Griffin-Lim, tokenizer round trip."""
+  if not triples:
+    return '<p>No held-out notes to show.</p>'
+  rows = ['<table class="triples"><tr><th>held-out note</th><th>original</th>'
+          '<th>Griffin-Lim of its spectrogram</th><th>tokenizer round trip</th></tr>']
+  for t in triples:
+    rows.append(f'<tr><th>{html.escape(str(t["instrument"]))}, MIDI {int(t["pitch"])}'
+                f'<br><span class="dim">{html.escape(str(t["name"]))}</span></th>')
+    for key, what in (('real', 'original'), ('gl', 'Griffin-Lim'), ('recon', 'round trip')):
+      spec, wave = t[key]
+      rows.append(f'<td>{_note(spec, wave, spec_cfg, what + ": " + str(t["name"]))}</td>')
+    rows.append('</tr>')
+  rows.append('</table>')
+  return ''.join(rows)
+
+
+def _grid_table(grid, spec_cfg):
   if not grid or not grid.get('cells'):
     return '<p>No generated notes to show.</p>'
   rows = ['<table class="grid"><tr><th>pitch \\ instrument</th>']
@@ -222,8 +291,8 @@ def _grid_table(grid, sr):
         continue
       nn = c['nn']
       rows.append('<td><div class="pair">'
-                  + _note(c['spec'], c['wave'], sr, f'generated {c["file"]}')
-                  + _note(nn['spec'], nn['wave'], sr,
+                  + _note(c['spec'], c['wave'], spec_cfg, f'generated {c["file"]}')
+                  + _note(nn['spec'], nn['wave'], spec_cfg,
                           f'nearest train: {nn["name"]} (d={nn["dist"]:.3f})')
                   + '</div></td>')
     rows.append('</tr>')
@@ -231,37 +300,51 @@ def _grid_table(grid, sr):
   return ''.join(rows)
 
 
-def render(metrics, curves, grid, sample_rate, title='mars_jax listening report', note=''):
-  """The whole page as a string."""
+def render(metrics, curves, grid, spec_cfg, triples=(), title='mars_jax listening report',
+           note=''):
+  """The whole page as a string; spec_cfg is config.spectrogram (rate, axes, dB scale)."""
   figs = ''.join(f'<figure>{svg_curve(s)}<figcaption>{html.escape(name)}: '
                  f'{", ".join(html.escape(k) for k in s)}</figcaption></figure>'
                  for name, s in curves.items())
+  ceilings, shown = _ceilings_table(metrics)
   return f"""<!DOCTYPE html>
 <html lang="en"><head><meta charset="utf-8"><title>{html.escape(title)}</title>
 <style>{_CSS}</style></head><body>
 <h1>{html.escape(title)}</h1>
-<p class="dim">{html.escape(note)} Generated {time.strftime('%Y-%m-%d %H:%M:%S')}.
-Each metric of the generated notes (against the training notes) sits next to the same metric
-for held-out real notes (against the same training notes): the ceiling a perfect generator
-would reach. fad_clf_* use this project's classifiers, not VGGish, so they are not comparable
-with published FAD values.</p>
+<p class="dim">{html.escape(note)} Generated {time.strftime('%Y-%m-%d %H:%M:%S')}.</p>
+<h2>Where quality is lost</h2>
+<p class="dim">The same estimators on held-out real notes at each stage a generated note goes
+through, then on the generated notes. A generated note can be no better than the tokenizer's
+round trip, and that no better than Griffin-Lim of the true spectrogram: read left to right, the
+first big drop is where to work. Accuracies carry their standard error sqrt(p(1-p)/n) over n
+notes; a difference under two errors is not a result.</p>
+{ceilings}
 <h2>Metrics</h2>
-{_metrics_table(metrics)}
+<p class="dim">Each metric of the generated notes (against the training notes) sits next to the
+same metric for held-out real notes (against the same training notes): the ceiling a perfect
+generator would reach. fad_clf_* use this project's classifiers, not VGGish, so they are not
+comparable with published FAD values.</p>
+{_metrics_table(metrics, shown)}
 <h2>Training curves</h2>
 <div class="curves">{figs or '<p>No metrics.jsonl found.</p>'}</div>
+<h2>Held-out notes at each ceiling</h2>
+<p class="dim">A few held-out notes per instrument as heard at each stage: the original audio,
+Griffin-Lim of its true spectrogram, and the tokenizer's round trip (encode, tokens, decode,
+Griffin-Lim). Spectrograms are recomputed from the audio you hear.</p>
+{_triples_table(triples, spec_cfg)}
 <h2>Generated notes and their nearest training notes</h2>
-<p class="dim">Left: generated (spectrogram recomputed from the audio file); right: the nearest
+<p class="dim">Top: generated (spectrogram recomputed from the audio file); below: the nearest
 training note by cosine distance of mean-centred pooled spectrograms, among the training notes
 evaluated.</p>
-{_grid_table(grid, sample_rate)}
+{_grid_table(grid, spec_cfg)}
 </body></html>
 """
 
 
-def write_report(config, workdir, metrics, grid, path=None):
+def write_report(config, workdir, metrics, grid, triples=(), path=None):
   """Renders DIR/report.html (atomically) and returns its path."""
   path = path or fs.join(workdir, 'report.html')
-  page = render(metrics, load_curves(workdir), grid, int(config.spectrogram.sample_rate),
+  page = render(metrics, load_curves(workdir), grid, config.spectrogram, triples,
                 note=f'workdir {fs.absolute(workdir)}; data.source={config.data.source}.')
   fs.write_text(path, page)
   return path

@@ -5,6 +5,14 @@ Outputs: DIR/eval/{pitch,instrument}_classifier/ (engine checkpoints + metrics.j
 DIR/eval/metrics.json (flat: generated metric, its `real_` ceiling = held-out test notes
 scored the same way against the training notes, sample counts) and DIR/report.html.
 
+Where quality is lost (DESIGN.md section 6): up to evaluate.ceiling_notes held-out test notes,
+evenly spread, go through Griffin-Lim of their true spectrogram (`gl_*`) and through the
+tokenizer's round trip, encode -> tokens -> decode -> Griffin-Lim (`recon_*`); their audio is
+scored with the estimators the generated notes get (pyin pitch; the classifiers on the
+re-analysed spectrogram; PKID/IKID/fad_clf/NDB against the training notes), and `real_pitch_*`
+scores the original audio of the same notes. Every accuracy `k` carries `k_se`, its binomial
+standard error sqrt(p(1-p)/n), and `k_n`, the notes it was measured on.
+
 Feature spaces (stated, since several are our choice):
   * PIS/IIS: the classifiers' softmax; PKID/IKID and fad_clf_*: their embeddings (penultimate
     layer), KID with the unbiased MMD^2 estimator on random subsets (metrics.kid), kernel
@@ -16,6 +24,9 @@ Feature spaces (stated, since several are our choice):
     uses cosine distance after subtracting the training mean (raw spectrograms are mostly
     the same silence floor, so uncentred cosines all sit near 0).
   * pitch_*: librosa.pyin on the waveforms (never seen by any model).
+  * gl_mse/mae, recon_audio_mse/mae: the spectrogram re-analysed from the Griffin-Lim audio
+    against the true one; recon_mse/mae: the decoded spectrogram against the true one (what
+    the tokenizer alone loses), all on the normalised [-1, 1] scale.
 Real sets: at most evaluate.max_real notes per split, a seeded random subset.
 """
 from __future__ import annotations
@@ -34,14 +45,16 @@ from mars_jax import fs
 from mars_jax.audio import cmx as cmx_lib
 from mars_jax.audio import spectrogram as spec_lib
 from mars_jax.data import audio_io, pipeline, prepare, records
-from mars_jax.evaluate import classifiers, metrics as M, report
+from mars_jax.evaluate import ceilings, classifiers, metrics as M, report
 from mars_jax.stages import common
 from mars_jax.train import partitioning
 
 NAME = 'evaluate'
 NDB_SIDE = 64          # pooled spectrogram side for NDB / memorisation features
-PYIN_REAL_MAX = 1024   # real test notes scored by pyin (pyin costs ~N x note length; see bench)
 CHUNK = 256            # records decoded and featurised at a time (bounded memory)
+# Accuracies (fractions of notes): each gets `_se` and `_n` in metrics.json.
+PITCH_ACC = ('pitch_exact', 'pitch_within_semitone', 'pitch_detected')
+CLF_ACC = ('clf_pitch_match', 'clf_instrument_match')
 
 
 def eval_dir(workdir):
@@ -188,10 +201,7 @@ class Featuriser:
       out[f'probs_{t}'], out[f'emb_{t}'] = classifiers.probs_and_embeddings(
           model, params, images, self.mesh)
     if recon:
-      if self.tok is None:
-        from mars_jax.stages import tokenizer as tok_stage
-        self.tok = tok_stage.load_params(self.config, self.workdir, self.mesh)
-      params, model = self.tok
+      params, model = self.tokenizer()
 
       def make():
         def err(p, x):
@@ -203,6 +213,20 @@ class Featuriser:
       jitted = classifiers.cached_jit(key, make, self.mesh)
       out['sq_err'], out['abs_err'] = classifiers.batched_apply(jitted, params, images, self.mesh)
     return out
+
+  def tokenizer(self):
+    if self.tok is None:
+      from mars_jax.stages import tokenizer as tok_stage
+      self.tok = tok_stage.load_params(self.config, self.workdir, self.mesh)
+    return self.tok
+
+  def round_trip(self, specs):
+    """(N, F, T) true spectrograms -> ceilings.round_trip_fn's outputs (numpy), one jit."""
+    params, model = self.tokenizer()
+    key = ('round_trip', self.config.to_json_best_effort(sort_keys=True))
+    jitted = classifiers.cached_jit(
+        key, lambda: ceilings.round_trip_fn(model, self.config, self.shapes), self.mesh)
+    return classifiers.batched_apply(jitted, params, self.image(specs), self.mesh)
 
 
 def _concat(parts):
@@ -277,21 +301,15 @@ def set_metrics(config, x, train, prefix, pitch_lo):
                                     train['emb_instrument'])
   k = min(int(ev.ndb_bins), len(train['feat']))
   try:
-    r = M.ndb(train['feat'], x['feat'], k=k, alpha=float(ev.alpha), seed=int(config.seed))
+    if 'ndb_bins' not in train:   # k-means on the training notes once for every set scored
+      train['ndb_bins'] = M.ndb_bins(train['feat'], k, seed=int(config.seed))
+    r = M.ndb(train['feat'], x['feat'], alpha=float(ev.alpha), bins=train['ndb_bins'])
     out['ndb_k'], out['ndb_js'] = float(r['ndb_k']), float(r['js'])
   except ValueError:
     out['ndb_k'] = out['ndb_js'] = float('nan')
   out['clf_pitch_match'] = float(np.mean(x['probs_pitch'].argmax(1) == x['pitch'] - pitch_lo))
   out['clf_instrument_match'] = float(np.mean(x['probs_instrument'].argmax(1) == x['instrument']))
   return {prefix + k: v for k, v in out.items()}
-
-
-def _pitch(waves, sr, midi, prefix):
-  if len(waves) == 0:
-    return {f'{prefix}pitch_{k}': float('nan') for k in ('exact', 'within_semitone', 'detected')}
-  r = M.pitch_accuracy(waves, sr, midi)
-  return {f'{prefix}pitch_exact': r['exact'], f'{prefix}pitch_within_semitone': r['within_semitone'],
-          f'{prefix}pitch_detected': r['detected']}
 
 
 def _weighted(parts):
@@ -302,6 +320,67 @@ def _weighted(parts):
 
 def _nn(query, train_feat, mean):
   return M.nearest_neighbours(query - mean, train_feat - mean)
+
+
+def ceiling_indices(config, n):
+  """Up to evaluate.ceiling_notes of n held-out notes, evenly spread (records are stored in
+  source order, so this covers the pitches and instruments rather than the first few)."""
+  cap = int(config.evaluate.ceiling_notes)
+  if cap < 1:
+    raise ValueError(f'evaluate.ceiling_notes={cap}: it must be >= 1 (held-out notes taken '
+                     f'through Griffin-Lim and the tokenizer; 96 gives ~5-point errors).')
+  return np.unique(np.linspace(0, n - 1, min(n, cap)).round().astype(int)) if n else \
+      np.zeros(0, int)
+
+
+def compute_ceilings(config, feat, split, test, train, pitch_lo, log=print):
+  """Real -> Griffin-Lim -> tokenizer round trip on the same held-out notes, same estimators.
+
+  Returns (metrics, n notes, triples): triples are a few notes per instrument for the report,
+  each {'name', 'pitch', 'instrument', 'real'|'gl'|'recon': (spectrogram, wave)}.
+  """
+  t0 = time.time()
+  sr = int(config.spectrogram.sample_rate)
+  js = ceiling_indices(config, len(split))
+  ev = config.evaluate
+  show = set(ceilings.spread(test['instrument'][js], int(ev.report_triples),
+                             max(1, int(ev.report_grid)), key=test['pitch'][js]))
+  parts, gl_parts, recon_parts, triples = [], [], [], []
+  for i in range(0, len(js), CHUNK):
+    sel = js[i:i + CHUNK]
+    specs = np.stack([split.record(j)['spec'] for j in sel])                 # (n, F, T)
+    midi = test['pitch'][sel]
+    real = source_audio(config, split, sel)                                  # (n, N)
+    outs = feat.round_trip(specs)
+    scores = ceilings.score(outs, specs, sr, midi)
+    scores.update(ceilings.pitch_scores(real, sr, midi, 'real_'))
+    parts.append((len(sel), scores))
+    gl_parts.append(feat(outs['gl_spec']))
+    recon_parts.append(feat(outs['recon_audio_spec']))
+    for k, j in enumerate(sel):
+      if i + k in show:
+        triples.append({'name': test['names'][j], 'pitch': int(midi[k]),
+                        'instrument': int(test['instrument'][j]),
+                        'real': (specs[k], real[k]),
+                        'gl': (outs['gl_spec'][k], outs['gl_wave'][k]),
+                        'recon': (outs['recon_audio_spec'][k], outs['recon_wave'][k])})
+  out = _weighted(parts) if parts else {}
+  labels = {'pitch': test['pitch'][js], 'instrument': test['instrument'][js]}
+  for prefix, fparts in (('gl_', gl_parts), ('recon_', recon_parts)):
+    if fparts:
+      out.update(set_metrics(config, {**_concat(fparts), **labels}, train, prefix, pitch_lo))
+  log(f'[evaluate] ceilings: {len(js)} held-out notes through Griffin-Lim and the tokenizer '
+      f'({time.time() - t0:.1f}s)')
+  return out, len(js), sorted(triples, key=lambda t: (t['instrument'], t['pitch']))
+
+
+def add_standard_errors(out, counts):
+  """k_se = sqrt(p(1-p)/n) and k_n = n for every accuracy k in `counts` {key: n}."""
+  for k, n in counts.items():
+    if k in out:
+      out[f'{k}_se'] = M.standard_error(out[k], n)
+      out[f'{k}_n'] = int(n)
+  return out
 
 
 def compute(config, workdir, mesh=None, log=print):
@@ -327,7 +406,7 @@ def compute(config, workdir, mesh=None, log=print):
     waves, b = load_waves(config, workdir, entries[i:i + CHUNK])
     bad += b
     parts.append(feat(spec_lib.spectrogram(waves, config.spectrogram)))
-    pyin_parts.append((len(waves), _pitch(waves, sr, gpitch[i:i + CHUNK], '')))
+    pyin_parts.append((len(waves), ceilings.pitch_scores(waves, sr, gpitch[i:i + CHUNK], '')))
   gen = _concat(parts)
   gen.update(pitch=gpitch, instrument=ginst)
 
@@ -335,16 +414,9 @@ def compute(config, workdir, mesh=None, log=print):
   out.update(set_metrics(config, gen, train, '', shapes.pitch_lo))
   out.update(set_metrics(config, test, train, 'real_', shapes.pitch_lo))
   out.update(_weighted(pyin_parts))
-  # pyin costs ~0.1-1 s a note: score an evenly spread subset of the held-out notes.
-  sel = np.unique(np.linspace(0, len(test_split) - 1, min(len(test_split), PYIN_REAL_MAX))
-                  .round().astype(int))
-  n_pyin = len(sel)
-  real_parts = []
-  for i in range(0, n_pyin, CHUNK):
-    js = sel[i:i + CHUNK]
-    real_parts.append((len(js), _pitch(source_audio(config, test_split, js), sr,
-                                       test['pitch'][js], 'real_')))
-  out.update(_weighted(real_parts))
+  ceiling, n_ceiling, triples = compute_ceilings(config, feat, test_split, test, train,
+                                                 shapes.pitch_lo, log=log)
+  out.update(ceiling)
   mean = train['feat'].mean(0)
   g_idx, g_dist = _nn(gen['feat'], train['feat'], mean)
   _, r_dist = _nn(test['feat'], train['feat'], mean)
@@ -358,12 +430,21 @@ def compute(config, workdir, mesh=None, log=print):
   out['num_generated_unreadable'] = bad
   out['num_real_train'] = len(train_split)
   out['num_real_test'] = len(test_split)
-  out['num_real_pitch'] = n_pyin
+  out['num_real_pitch'] = n_ceiling
+  out['num_ceiling'] = n_ceiling
+  counts = {k: len(entries) for k in PITCH_ACC + CLF_ACC}
+  counts.update({p + k: n_ceiling for p in ('gl_', 'recon_') for k in PITCH_ACC + CLF_ACC})
+  counts.update({'real_' + k: n_ceiling for k in PITCH_ACC})
+  counts.update({k: len(test_split) for k in ('real_clf_pitch_match', 'real_clf_instrument_match',
+                                              'acc_pitch_classifier',
+                                              'acc_instrument_classifier')})
+  add_standard_errors(out, counts)
   log(f'[evaluate] metrics computed ({time.time() - t0:.1f}s)')
 
   extras = {'entries': entries, 'pitch': gpitch,
             'instrument': ginst, 'nn_idx': g_idx, 'nn_dist': g_dist, 'train_split': train_split,
-            'vocab': vocab[config.data.instrument_label], 'workdir': workdir}
+            'vocab': vocab[config.data.instrument_label], 'workdir': workdir,
+            'triples': triples}
   return out, extras
 
 
@@ -419,6 +500,8 @@ def run(config, workdir, log=print):
                   json.dumps({k: _json_value(v) for k, v in out.items()}, indent=1,
                              sort_keys=True))
     grid = grid_cells(config, extras)
-    report.write_report(config, workdir, out, grid)
+    names = extras['vocab']
+    triples = [{**t, 'instrument': names[t['instrument']]} for t in extras['triples']]
+    report.write_report(config, workdir, out, grid, triples)
     common.mark_complete(edir, fp)
   return out

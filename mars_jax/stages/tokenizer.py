@@ -10,7 +10,7 @@ from mars_jax import fs
 from mars_jax.audio import cmx as cmx_lib
 from mars_jax.audio import griffin_lim
 from mars_jax.data import pipeline
-from mars_jax.evaluate import images
+from mars_jax.evaluate import ceilings, images
 from mars_jax.models import quantizer as quant_lib
 from mars_jax.models.tokenizer import (PatchDiscriminator, Tokenizer, adaptive_gan_weight,
                                        hinge_d_loss, hinge_g_loss, tokenizer_loss)
@@ -19,6 +19,7 @@ from mars_jax.train import checkpoint, engine
 
 NAME = 'tokenizer'
 RESEED_EVERY = 50  # steps over which a code must go unused to count as dead
+PITCH_EVAL_NOTES = 32  # held-out notes whose round-trip pitch (pyin) is logged at each eval
 # The decoder's last layer, where VQGAN's adaptive GAN weight compares gradient norms.
 LAST_LAYER = ('decoder', 'conv_out', 'Conv_0', 'kernel')
 
@@ -191,14 +192,52 @@ def _eval_examples(config, workdir, n=4):
   return next(iter(it))
 
 
-def make_on_eval(config, model, shapes, examples):
+def _pitch_notes(config, workdir, n=PITCH_EVAL_NOTES):
+  """A fixed set of up to n held-out (valid) notes, evenly spread over the split:
+  (images (n, H, W, C), MIDI pitches (n,))."""
+  from mars_jax.stages import evaluate   # its RealSplit reads single records; no import cycle
+  split = evaluate.RealSplit(config, workdir, 'valid')
+  js = np.unique(np.linspace(0, len(split) - 1, min(n, len(split))).round().astype(int))
+  recs = [split.record(int(j)) for j in js]
+  specs = np.stack([r['spec'] for r in recs]) if recs else np.zeros((0, 1, 1), np.float32)
+  return cmx_lib.to_image(specs, config.cmx), np.array([int(r['pitch']) for r in recs])
+
+
+def make_pitch_eval(config, model, shapes, notes):
+  """params -> {recon_pitch_exact, recon_pitch_within_semitone, gl_pitch_*} on `notes`: the
+  tokenizer's round trip (encode -> tokens -> decode -> Griffin-Lim, jitted once) scored by
+  librosa.pyin as the evaluate stage scores it, next to Griffin-Lim of the true spectrogram
+  (computed at the first call only: it does not change while the tokenizer trains)."""
+  image, midi = notes
+  sr = int(config.spectrogram.sample_rate)
+  if not len(midi):
+    return lambda params: {}
+  fns = {g: jax.jit(ceilings.round_trip_fn(model, config, shapes, with_gl=g))
+         for g in (False, True)}
+  gl = {}
+  keep = ('pitch_exact', 'pitch_within_semitone')
+
+  def pitch_eval(params):
+    outs = jax.device_get(fns[not gl](params, jnp.asarray(image)))   # with GL at the first call
+    if jax.process_index() != 0:
+      return {}
+    if not gl:
+      gl.update(ceilings.pitch_scores(outs['gl_wave'], sr, midi, 'gl_'))
+    rt = ceilings.pitch_scores(outs['recon_wave'], sr, midi, 'recon_')
+    return {f'{p}{k}': float(d[f'{p}{k}']) for p, d in (('recon_', rt), ('gl_', gl)) for k in keep}
+
+  return pitch_eval
+
+
+def make_on_eval(config, model, shapes, examples, pitch_eval=None):
   spec_cfg = config.spectrogram
   recon_fn = jax.jit(lambda p, x: model.apply({'params': p}, x)[0])
 
   def on_eval(params, step, stage_dir):
     recon = np.asarray(jax.device_get(recon_fn(params, jnp.asarray(examples['image']))))
+    scores = pitch_eval(params) if pitch_eval is not None else {}
     if jax.process_index() != 0:
-      return
+      return scores
     out = fs.makedirs(fs.join(stage_dir, 'eval', f'step_{step:07d}'))
     to_spec = functools.partial(cmx_lib.from_image, cmx_cfg=config.cmx, freq=shapes.freq_bins,
                                 frames=shapes.frames)
@@ -206,10 +245,11 @@ def make_on_eval(config, model, shapes, examples):
     recons = np.clip(to_spec(recon), -1.0, 1.0)
     waves = np.asarray(griffin_lim.to_audio(jnp.asarray(recons), spec_cfg))
     for i in range(len(recons)):
-      fs.write_bytes(out / f'{i}_original.png', images.spectrogram_png(originals[i]))
-      fs.write_bytes(out / f'{i}_reconstructed.png', images.spectrogram_png(recons[i]))
+      fs.write_bytes(out / f'{i}_original.png', images.spectrogram_png(originals[i], spec_cfg))
+      fs.write_bytes(out / f'{i}_reconstructed.png', images.spectrogram_png(recons[i], spec_cfg))
       fs.write_bytes(out / f'{i}_reconstructed.wav',
                      fs.wav_bytes(np.clip(waves[i], -1, 1), spec_cfg.sample_rate))
+    return scores
 
   return on_eval
 
@@ -221,7 +261,8 @@ def run(config, workdir):
   common.claim(stage_dir, fp, NAME)
   task, model = make_task(config, shapes)
   examples = _eval_examples(config, workdir)
-  on_eval = make_on_eval(config, model, shapes, examples)
+  pitch_eval = make_pitch_eval(config, model, shapes, _pitch_notes(config, workdir))
+  on_eval = make_on_eval(config, model, shapes, examples, pitch_eval)
   task = engine.Task(**{**task.__dict__,
                         'on_eval': lambda p, step, d: on_eval(tokenizer_params(config, p), step, d)})
   common.train_on_prepared(task, config, NAME, stage_dir, workdir, fp)

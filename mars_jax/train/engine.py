@@ -57,6 +57,7 @@ class Task:
   eval_fn(params, batch) -> {name: scalar}: jitted; averaged over the held-out batches.
   on_eval(params, step, stage_dir): python callback at every eval (images, audio); runs on every
     process with the global (sharded) params, so it may gather; write files from process 0 only.
+    It may return {name: float}, logged with the eval's metrics (e.g. a pyin pitch score).
   decay_mask(params) -> bool tree: weight decay where True (default: leaves with ndim >= 2).
   trainable(params) -> bool tree: False leaves are frozen (zero update; default all trainable).
   cast_params: with compute_dtype='bfloat16', cast float32 params to bf16 inside the step.
@@ -431,7 +432,7 @@ def train(task: Task, config, stage: str, stage_dir: str, train_iter_fn: Callabl
           if n:
             out = {f'eval/{k}': float(v) / n for k, v in jax.device_get(sums).items()}
         if task.on_eval is not None:
-          task.on_eval(params, step_no, stage_dir)
+          out.update(task.on_eval(params, step_no, stage_dir) or {})
         return out
 
       window, pending = [], None
