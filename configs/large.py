@@ -15,6 +15,9 @@ def get_config():
   c.tokenizer.train.compute_dtype = 'bfloat16'
   c.autoregressor.depth = 24
   c.autoregressor.train.batch_size = 1024
+  # VAR's rule: the peak learning rate grows with the global batch, lr = 1e-4 * batch / 256
+  # (4e-4 here). A --config override of the batch should scale lr the same way.
+  c.autoregressor.train.lr = 1e-4 * c.autoregressor.train.batch_size / 256
   c.autoregressor.train.compute_dtype = 'bfloat16'
   c.mesh.data = -1
   c.mesh.fsdp = 8

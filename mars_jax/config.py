@@ -126,6 +126,11 @@ def derive(config) -> Shapes:
   heads = a.heads or a.depth
   if width % heads:
     raise ConfigError(f'autoregressor.width={width} must be divisible by autoregressor.heads={heads}.')
+  if not a.drop_path < 1:
+    raise ConfigError(f'autoregressor.drop_path={a.drop_path} must be < 1 (-1 = VAR\'s rule, '
+                      f'0.1 * depth / 24; 0 = off).')
+  if a.gate_init < 0:
+    raise ConfigError(f'autoregressor.gate_init={a.gate_init} must be >= 0 (0 = by depth).')
   if a.attention not in ('einsum', 'xla', 'cudnn', 'auto'):
     raise ConfigError(f"autoregressor.attention={a.attention!r}: use 'einsum', 'xla', 'cudnn' or "
                       f"'auto'.")

@@ -105,6 +105,8 @@ def get_config():
   # with implementation 'xla' or 'cudnn' (fused: the only one that fits base's batch on one
   # GPU); 'auto' = cudnn on a GPU with bf16/fp16 compute, else einsum.
   c.autoregressor.attention = 'auto'
+  c.autoregressor.gate_init = 0.0    # AdaLN gate init; 0 = VAR's by depth (1e-3 <= 20, 1e-4 <= 24)
+  c.autoregressor.drop_path = -1.0   # stochastic depth at the last block; -1 = VAR's 0.1*depth/24
   c.autoregressor.train = _train(steps=200_000, batch_size=256, lr=1e-4)
 
   # --- sampling -----------------------------------------------------------

@@ -21,6 +21,8 @@ sys.path.insert(0, str(ROOT / 'tests'))   # helper modules: fake_gcs, multihost_
 def pytest_configure(config):
   config.addinivalue_line(
       'markers', 'multihost: multi-process jax.distributed tests (slow; deselect: -m "not multihost")')
+  config.addinivalue_line(
+      'markers', 'slow: tests of a minute or more (deselect: -m "not slow"; CI runs them)')
 
 
 def load_config(name='tiny'):

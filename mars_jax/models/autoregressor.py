@@ -23,6 +23,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from mars_jax.models.layers import trunc_normal
+
 Dtype = Any
 
 ACT = ('batch', None, 'embed')          # (B, L, C) activations at block boundaries
@@ -79,11 +81,22 @@ def _l2_normalize(x):
   return (x32 * jax.lax.rsqrt(jnp.maximum(jnp.sum(x32 * x32, -1, keepdims=True), 1e-12)))
 
 
-def _ada_init(std, width, gate_chunks, gate_mult=1e-5, other_mult=0.5):
-  """AdaLN projection init: gates (the first `gate_chunks` chunks) start ~0 so every residual
-  branch starts near identity (VAR: init_adaln_gamma=1e-5); scales/shifts small (init_adaln=0.5)."""
+def gate_init_for_depth(depth: int) -> float:
+  """VAR's AdaLN gate init (`alng`) as its released models were trained: 1e-3 up to depth 20,
+  1e-4 up to 24, 1e-5 deeper (residual branches start nearer identity in deeper models)."""
+  return 1e-3 if depth <= 20 else 1e-4 if depth <= 24 else 1e-5
+
+
+def drop_path_for_depth(depth: int) -> float:
+  """VAR's stochastic-depth rate at the last block: 0.1 * depth / 24."""
+  return 0.1 * depth / 24
+
+
+def _ada_init(std, width, gate_chunks, gate_mult=1e-3, other_mult=0.5):
+  """AdaLN projection init: gates (the first `gate_chunks` chunks) start small so every residual
+  branch starts near identity (VAR's init_adaln_gamma); scales/shifts small (init_adaln=0.5)."""
   def init(key, shape, dtype=jnp.float32):
-    w = jax.random.truncated_normal(key, -2.0, 2.0, shape, dtype) * std
+    w = trunc_normal(std)(key, shape, dtype)
     mult = jnp.concatenate([jnp.full((gate_chunks * width,), gate_mult, dtype),
                             jnp.full((shape[-1] - gate_chunks * width,), other_mult, dtype)])
     return w * mult
@@ -105,7 +118,7 @@ class Attention(nn.Module):
     std = math.sqrt(1.0 / (3 * self.width))
     # Explicit params, not DenseGeneral: its flat-then-reshape init trips the logical constraint
     # under a mesh (flax applies the 4-d names to the 2-d flat kernel).
-    w_qkv = self.param('qkv', _p(nn.initializers.truncated_normal(std),
+    w_qkv = self.param('qkv', _p(trunc_normal(std),
                                  ('embed', None, 'heads', None)), (self.width, 3, h, hd))
     qkv = jnp.einsum('bnc,cthd->bnthd', x.astype(self.dtype),
                      w_qkv.astype(self.dtype))                       # (B, n, 3, H, hd)
@@ -137,7 +150,7 @@ class Attention(nn.Module):
       q, k, v = (jnp.swapaxes(t, 1, 2).astype(self.dtype) for t in (q, k, v))  # (B, n|L, H, hd)
       o = jax.nn.dot_product_attention(q, k, v, mask=jnp.asarray(mask, bool), scale=1.0,
                                        implementation=self.attention)  # (B, n, H, hd)
-    proj_init = nn.initializers.truncated_normal(std / math.sqrt(2 * self.depth))
+    proj_init = trunc_normal(std / math.sqrt(2 * self.depth))
     w_proj = self.param('proj', _p(proj_init, ('heads', None, 'embed')), (h, hd, self.width))
     b_proj = self.param('proj_bias', _p(nn.initializers.zeros, ('embed',)), (self.width,))
     out = jnp.einsum('bnhd,hdc->bnc', o, w_proj.astype(self.dtype)) + b_proj.astype(self.dtype)
@@ -152,17 +165,26 @@ class Block(nn.Module):
   mlp_ratio: float = 4.0
   dtype: Dtype = jnp.float32
   attention: str = 'einsum'
+  gate_init: float = 1e-3
 
   @nn.compact
-  def __call__(self, x, cache, cond, mask, offset):
-    # x (B, n, C) carry; cache per-layer slice; cond (B, C); mask (n, L) or broadcastable.
+  def __call__(self, x, cache, cond, mask, offset, drop_rate):
+    # x (B, n, C) carry; cache per-layer slice; cond (B, C); mask (n, L) or broadcastable;
+    # drop_rate: this block's stochastic-depth rate (a scalar), or None (no drop path).
     c = self.width
     std = math.sqrt(1.0 / (3 * c))
     ada = nn.Dense(6 * c, dtype=self.dtype, name='ada',
-                   kernel_init=_p(_ada_init(std, c, gate_chunks=2), ('embed', 'mlp')),
+                   kernel_init=_p(_ada_init(std, c, gate_chunks=2, gate_mult=self.gate_init),
+                                  ('embed', 'mlp')),
                    bias_init=_p(nn.initializers.zeros, ('mlp',)))(nn.silu(cond))
     ada = ada.reshape(ada.shape[0], 1, 6, c)                          # (B, 1, 6, C)
     g1, g2, s1, s2, b1, b2 = (ada[:, :, i] for i in range(6))         # each (B, 1, C)
+
+    if drop_rate is not None:   # per-note keep masks, rescaled so the expectation is unchanged
+      keep = 1.0 - drop_rate
+      k1, k2 = jax.random.split(self.make_rng('dropout'))
+      g1 = g1 * (jax.random.bernoulli(k1, keep, (x.shape[0], 1, 1)) / keep).astype(g1.dtype)
+      g2 = g2 * (jax.random.bernoulli(k2, keep, (x.shape[0], 1, 1)) / keep).astype(g2.dtype)
 
     h = _layer_norm(x) * (1 + s1) + b1
     h, cache = Attention(c, self.heads, self.depth, self.dtype, self.attention,
@@ -172,11 +194,11 @@ class Block(nn.Module):
     hidden = int(round(c * self.mlp_ratio))
     h = _layer_norm(x) * (1 + s2) + b2
     h = nn.Dense(hidden, dtype=self.dtype, name='fc1',
-                 kernel_init=_p(nn.initializers.truncated_normal(std), ('embed', 'mlp')),
+                 kernel_init=_p(trunc_normal(std), ('embed', 'mlp')),
                  bias_init=_p(nn.initializers.zeros, ('mlp',)))(h)
     h = nn.with_logical_constraint(nn.gelu(h, approximate=True), ('batch', None, 'mlp'))
     h = nn.Dense(c, dtype=self.dtype, name='fc2',
-                 kernel_init=_p(nn.initializers.truncated_normal(std / math.sqrt(2 * self.depth)),
+                 kernel_init=_p(trunc_normal(std / math.sqrt(2 * self.depth)),
                                 ('mlp', 'embed')),
                  bias_init=_p(nn.initializers.zeros, ('embed',)))(h)
     x = _constrain(x + h * g2)
@@ -201,6 +223,8 @@ class VAR(nn.Module):
   label_dropout: float = 0.1
   dtype: Dtype = jnp.float32
   attention: str = 'einsum'
+  gate_init: float = 1e-3       # AdaLN gate init (VAR's alng; see gate_init_for_depth)
+  drop_path: float = 0.0        # stochastic depth at the last block, 0 at the first; training only
 
   @property
   def num_tokens(self) -> int:
@@ -213,7 +237,7 @@ class VAR(nn.Module):
   def setup(self):
     c = self.width
     std = math.sqrt(1.0 / (3 * c))
-    tn = nn.initializers.truncated_normal(std)
+    tn = trunc_normal(std)
     first = self.scales[0] ** 2
     self.pitch_embed = self.param('pitch_embed', _p(tn, (None, 'embed')), (self.num_pitches + 1, c))
     self.inst_embed = self.param('inst_embed', _p(tn, (None, 'embed')),
@@ -227,16 +251,18 @@ class VAR(nn.Module):
     self.blocks = nn.scan(
         Block,
         variable_axes={'params': 0},
-        split_rngs={'params': True},
-        in_axes=(0, nn.broadcast, nn.broadcast, nn.broadcast),
+        split_rngs={'params': True, 'dropout': True},
+        in_axes=(0, nn.broadcast, nn.broadcast, nn.broadcast, 0),
         length=self.depth,
         metadata_params={nn.PARTITION_NAME: None},
-    )(c, self.heads, self.depth, self.mlp_ratio, self.dtype, self.attention)
-    self.head_ada = nn.Dense(2 * c, dtype=self.dtype,
+    )(c, self.heads, self.depth, self.mlp_ratio, self.dtype, self.attention, self.gate_init)
+    # The AdaLN head and the logits in float32 whatever the compute dtype: classifier-free
+    # guidance multiplies their rounding error by up to 1 + 2 * cfg.
+    self.head_ada = nn.Dense(2 * c, dtype=jnp.float32,
                              kernel_init=_p(_ada_init(std, c, gate_chunks=0), ('embed', 'mlp')),
                              bias_init=_p(nn.initializers.zeros, ('mlp',)))
-    self.head = nn.Dense(self.vocab_size, dtype=self.dtype,
-                         kernel_init=_p(nn.initializers.truncated_normal(0.02 * std),
+    self.head = nn.Dense(self.vocab_size, dtype=jnp.float32,
+                         kernel_init=_p(trunc_normal(0.02 * std),
                                         ('embed', 'vocab')),
                          bias_init=_p(nn.initializers.zeros, ('vocab',)))
 
@@ -250,10 +276,10 @@ class VAR(nn.Module):
     return cond.astype(self.dtype)                                    # (B, C)
 
   def _head(self, x, cond):
-    ada = self.head_ada(nn.silu(cond))
-    ada = ada.reshape(ada.shape[0], 1, 2, self.width)                 # (B, 1, 2, C)
-    h = _layer_norm(x) * (1 + ada[:, :, 0]) + ada[:, :, 1]
-    logits = self.head(h).astype(jnp.float32)                         # (B, n, V)
+    ada = self.head_ada(nn.silu(cond.astype(jnp.float32)))
+    ada = ada.reshape(ada.shape[0], 1, 2, self.width)                 # (B, 1, 2, C) f32
+    h = _layer_norm(x.astype(jnp.float32)) * (1 + ada[:, :, 0]) + ada[:, :, 1]
+    logits = self.head(h)                                             # (B, n, V) f32
     return nn.with_logical_constraint(logits, ('batch', None, 'vocab'))
 
   def _start(self, cond):
@@ -267,7 +293,10 @@ class VAR(nn.Module):
     x = x + (jnp.take(self.level_embed, lvl, axis=0) + self.pos_embed).astype(self.dtype)
     x = _constrain(x)                                                 # (B, L, C)
     mask = jnp.asarray(block_causal_mask(self.scales))                # (L, L)
-    x, _ = self.blocks(x, None, cond, mask, jnp.int32(0))
+    rates = None
+    if train and self.drop_path > 0:   # VAR: linear from 0 at the first block
+      rates = jnp.linspace(0.0, self.drop_path, self.depth)           # (depth,)
+    x, _ = self.blocks(x, None, cond, mask, jnp.int32(0), rates)
     return self._head(x, cond)
 
   def decode(self, cond, inputs, k: int, cache):
@@ -283,7 +312,7 @@ class VAR(nn.Module):
     x = x + (self.level_embed[k] + self.pos_embed[start:end]).astype(self.dtype)
     x = _constrain(x)                                                 # (B, n, C)
     mask = (jnp.arange(self.num_tokens) < end)[None, :]               # (1, L)
-    x, cache = self.blocks(x, cache, cond, mask, jnp.int32(start))
+    x, cache = self.blocks(x, cache, cond, mask, jnp.int32(start), None)
     return self._head(x, cond), cache
 
 
@@ -308,4 +337,6 @@ def from_config(config, shapes, num_instruments: int, dtype=None) -> VAR:
              num_instruments=int(num_instruments), depth=int(a.depth),
              width=int(a.width or 64 * a.depth), heads=int(a.heads or a.depth),
              mlp_ratio=float(a.mlp_ratio), label_dropout=float(a.label_dropout), dtype=dtype,
-             attention=attention)
+             attention=attention,
+             gate_init=float(a.gate_init if a.gate_init > 0 else gate_init_for_depth(a.depth)),
+             drop_path=float(a.drop_path if a.drop_path >= 0 else drop_path_for_depth(a.depth)))

@@ -153,7 +153,7 @@ class MultiScaleQuantizer(nn.Module):
         nn.with_logical_partitioning(nn.initializers.normal(1.0 / np.sqrt(self.dim)),
                                      ('codes', None)),
         (self.codebook_size, self.dim), jnp.float32)
-    self.phis = [Conv(self.dim, kernel_size=3) for _ in range(self.num_phi)]
+    self.phis = [Conv(self.dim, kernel_size=3, precision=HIGHEST) for _ in range(self.num_phi)]
 
   # -- pieces -------------------------------------------------------------
   def lookup_codes(self, idx):

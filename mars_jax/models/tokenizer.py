@@ -114,8 +114,11 @@ class Tokenizer(nn.Module):
                   dtype=self.dtype)
     self.encoder = Encoder(latent_channels=self.latent_channels, **common)
     self.decoder = Decoder(out_channels=self.image_channels, **common)
-    self.quant_conv = Conv(self.latent_channels, dtype=jnp.float32)
-    self.post_quant_conv = Conv(self.latent_channels, dtype=jnp.float32)
+    # The quantizer's convolutions at full float32 precision on every backend (TPU/GPU would
+    # use bf16 passes by default), so tokens do not depend on where the tokenizer runs.
+    hi = jax.lax.Precision.HIGHEST
+    self.quant_conv = Conv(self.latent_channels, dtype=jnp.float32, precision=hi)
+    self.post_quant_conv = Conv(self.latent_channels, dtype=jnp.float32, precision=hi)
     self.quantizer = MultiScaleQuantizer(
         codebook_size=self.codebook_size, dim=self.latent_channels, scales=tuple(self.scales),
         num_phi=self.num_phi, phi_ratio=self.phi_ratio, beta=self.beta, lookup=self.lookup,
