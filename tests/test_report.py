@@ -38,7 +38,8 @@ def _note(midi, seed=0):
 
 
 def fake_workdir(root):
-  """metrics.jsonl for three stages + a 2 x 2 grid with 3 filled cells."""
+  """metrics.jsonl for three stages, a 2 x 2 grid with 3 filled cells (2 notes each) and 2
+  listening triples (3 notes each). Returns (report path, notes on the page / 2)."""
   for name, n in (('tokenizer', 30), ('autoregressor', 20), (os.path.join('eval', 'pitch_classifier'), 1)):
     os.makedirs(os.path.join(root, name), exist_ok=True)
     with open(os.path.join(root, name, 'metrics.jsonl'), 'w') as f:
@@ -66,7 +67,7 @@ def fake_workdir(root):
       notes[key] = (spec_lib.spectrogram(w, SPEC), w)
     triples.append({'name': f'test/{name}_{p}', 'pitch': p, 'instrument': name, **notes})
   path = report.write_report(CONFIG, root, metrics, grid, triples)
-  return path, len(cells) + 3 * len(triples) // 2
+  return path, (2 * len(cells) + 3 * len(triples)) // 2
 
 
 class _Counter(html.parser.HTMLParser):
@@ -86,7 +87,7 @@ def test_report_parses_and_is_self_contained(tmp_path):
   p = _Counter()
   p.feed(page)
   p.close()
-  assert p.tags.get('audio') == 2 * cells and p.tags.get('img') == 2 * cells
+  assert p.tags.get('audio') == 2 * cells and p.tags.get('img') == 2 * cells   # one each a note
   assert p.tags.get('svg') == 3 and p.tags.get('polyline', 0) >= 3
   assert p.tags.get('script', 0) == 0
   assert all(s.startswith(('data:image/png;base64,', 'data:audio/wav;base64,')) for s in p.srcs)
