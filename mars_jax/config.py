@@ -126,6 +126,7 @@ def derive(config) -> Shapes:
   heads = a.heads or a.depth
   if width % heads:
     raise ConfigError(f'autoregressor.width={width} must be divisible by autoregressor.heads={heads}.')
+  validate_sample(config.sample)
   if not a.drop_path < 1:
     raise ConfigError(f'autoregressor.drop_path={a.drop_path} must be < 1 (-1 = VAR\'s rule, '
                       f'0.1 * depth / 24; 0 = off).')
@@ -138,6 +139,23 @@ def derive(config) -> Shapes:
   return Shapes(n_samples=n, freq_bins=freq, frames=frames, image=image, downsample=down,
                 latent=latent, scales=scales, num_tokens=sum(p * p for p in scales),
                 num_pitches=hi - lo + 1, pitch_lo=lo)
+
+
+def validate_sample(s) -> None:
+  """The sample section: counts whole and in range (the Python API checks its own arguments)."""
+  if int(s.num) != s.num or s.num < 0:
+    raise ConfigError(f'sample.num={s.num} must be a whole number >= 0 (0 = every pitch x '
+                      f'instrument of the grid once).')
+  if int(s.batch_size) != s.batch_size or s.batch_size < 1:
+    raise ConfigError(f'sample.batch_size={s.batch_size} must be a whole number >= 1, e.g. 16.')
+  if not math.isfinite(s.cfg):
+    raise ConfigError(f'sample.cfg={s.cfg} must be a finite number (0 = no guidance, e.g. 3.0).')
+  if int(s.top_k) != s.top_k or s.top_k < 0:
+    raise ConfigError(f'sample.top_k={s.top_k} must be a whole number >= 0 (0 = no top-k filter).')
+  if not 0.0 <= s.top_p <= 1.0:
+    raise ConfigError(f'sample.top_p={s.top_p} must be in [0, 1] (0 or 1 = no nucleus filter).')
+  if int(s.seed) != s.seed or not 0 <= s.seed < 2**31:
+    raise ConfigError(f'sample.seed={s.seed} must be a whole number in 0..{2**31 - 1}.')
 
 
 def mesh_shape(config, num_devices: int) -> dict:

@@ -4,6 +4,7 @@
       [--stages=prepare,tokenizer] [--config.tokenizer.train.steps=100]
 """
 import importlib
+import os
 import pathlib
 import sys
 import time
@@ -27,6 +28,72 @@ STAGE_MODULES = {
 }
 DEFAULT_CONFIG = str(pathlib.Path(__file__).resolve().parents[1] / 'configs' / 'tiny.py')
 
+def check_argv(argv):
+  """The --config file and every --config.KEY override, checked before absl parses them (which
+  would end in a raw traceback): returns an error message naming the fix, or None."""
+  import difflib
+  import importlib.util
+  cfg_arg, keys = None, []
+  args = list(argv[1:])
+  for i, a in enumerate(args):
+    if a == '--':
+      break
+    if a.startswith('--config='):
+      cfg_arg = a.split('=', 1)[1]
+    elif a == '--config' and i + 1 < len(args):
+      cfg_arg = args[i + 1]
+    elif a.startswith(('--config.', '--noconfig.')):
+      keys.append(a.split('config.', 1)[1].split('=', 1)[0])
+  path, _, variant = (cfg_arg or DEFAULT_CONFIG).partition(':')
+  if not os.path.isfile(path):
+    here = sorted(f for f in os.listdir(os.path.dirname(DEFAULT_CONFIG)) if f.endswith('.py'))
+    return (f'--config={cfg_arg}: no such file ({os.path.abspath(path)}). The project\'s configs '
+            f'are in {os.path.dirname(DEFAULT_CONFIG)}: {", ".join(here)}.')
+  if not keys:
+    return None
+  try:
+    spec = importlib.util.spec_from_file_location('mars_jax_check_config', path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    config = module.get_config(variant) if variant else module.get_config()
+  except Exception:  # noqa: BLE001 - a broken config file: absl reports it in full
+    return None
+
+  def flat(node, prefix=''):
+    out = []
+    for k, v in node.items():
+      out.append(prefix + k)
+      if hasattr(v, 'items'):
+        out += flat(v, prefix + k + '.')
+    return out
+
+  every = flat(config)
+  for key in keys:
+    node, walked = config, []
+    for part in key.split('.'):
+      if not hasattr(node, 'items') or part not in node:
+        here = [walked and '.'.join(walked) + '.' + k or k
+                for k in (node.keys() if hasattr(node, 'keys') else [])]
+        near = difflib.get_close_matches(key, every, n=3, cutoff=0.6)
+        near += [k for k in difflib.get_close_matches('.'.join(walked + [part]), here, n=3,
+                                                      cutoff=0.5) if k not in near]
+        hint = f' Did you mean {" or ".join(near[:3])}?' if near else ''
+        names = sorted(k.rsplit('.', 1)[-1] for k in here)
+        where = '.'.join(walked) or 'the top level'
+        return (f'--config.{key}: {path} has no field {".".join(walked + [part])!r}.{hint} '
+                f'Fields of {where}: {", ".join(names)}.')
+      node = node[part]
+      walked.append(part)
+  return None
+
+
+if __name__ == '__main__':
+  # Before DEFINE_config_file: it loads the file and applies --config.* overrides right here.
+  _error = check_argv(sys.argv)
+  if _error:
+    print(f'config error: {_error}', file=sys.stderr)
+    sys.exit(2)
+
 _CONFIG = config_flags.DEFINE_config_file(
     'config', DEFAULT_CONFIG, 'Config file (configs/*.py); default: the embedded tiny config.',
     lock_config=True)
@@ -34,7 +101,9 @@ _WORKDIR = flags.DEFINE_string('workdir', None, 'Output folder (see README: work
 _STAGES = flags.DEFINE_list('stages', ','.join(STAGES), f'Stages to run, a subset of {STAGES}.')
 _FORCE = flags.DEFINE_bool(
     'force', False, 'Run stages even when marked complete: prepare, sample and evaluate redo their '
-    'work; training stages resume from their last checkpoint (to retrain, delete DIR/<stage>).')
+    'work; training stages resume from their last checkpoint (to retrain, delete DIR/<stage>). '
+    'Where the run would replace data or checkpoints made with another config (refused without '
+    '--force), --force deletes that work first and prints each folder it deletes.')
 _COORDINATOR = flags.DEFINE_string(
     'coordinator', None, 'host:port of process 0 for a multi-process run (env MARS_COORDINATOR); '
     'TPU pods and SLURM are detected without it.')
@@ -75,35 +144,80 @@ def _barrier(name):
 
 
 def run(config, workdir, stages=STAGES, force=False, out=print):
-  """Validates `config`, then runs `stages` in order; returns nothing, raises on failure.
+  """Validates `config`, checks it against what `workdir` holds, then runs `stages` in order;
+  returns nothing, raises on failure.
 
+  Nothing is written before every check has passed (config fields, batch versus devices, each
+  stage's input, data and checkpoints of another config that the run would replace: refused, or
+  deleted under `force` after saying so); config.json is written only for an accepted run.
   With several processes, each runs this; `prepare` runs on process 0 alone (the others wait),
   training stages run everywhere (the engine shards the data by process), and only process 0
-  writes config.json and prints.
+  writes config.json, deletes and prints.
   """
+  import jax
   from mars_jax import distributed
+  from mars_jax import workdir as workdir_lib
   shapes = config_lib.derive(config)
   stages = parse_stages(stages)
   main_process = distributed.is_main()
   if not main_process:
     out = lambda *a, **k: None
   fs.check_workdir(workdir)
-  fs.makedirs(workdir)
+  new_workdir = not fs.is_remote(workdir) and not fs.exists(workdir)
+  lock = _lock(workdir, main_process, out)   # one run (one job) a workdir, before any look
+  accepted = False
+  try:
+    plan = workdir_lib.check_run(config, workdir, stages, force, num_devices=jax.device_count(),
+                                 num_processes=jax.process_count())
+    _barrier('mars_jax/checked')          # every process has looked before anything changes
+    if main_process:
+      workdir_lib.apply(plan, out)
+      fs.write_text(fs.join(workdir, 'config.json'), config.to_json_best_effort(indent=2))
+    accepted = True
+    _barrier('mars_jax/accepted')
+    out(f'mars_jax: workdir {workdir}; spectrogram {shapes.spectrogram} -> image {shapes.image} '
+        f'-> latent {shapes.latent}; scales {shapes.scales} ({shapes.num_tokens} tokens)')
+    for name in stages:
+      stage = load_stage(name)
+      if not force and stage.is_complete(config, workdir):
+        out(f'[{name}] complete and matching the config: skipped (--force runs it anyway).')
+        continue
+      out(f'[{name}] starting')
+      t0 = time.time()
+      if name != 'prepare' or main_process:
+        stage.run(config, workdir)
+      _barrier(f'mars_jax/{name}')
+      out(f'[{name}] done in {time.time() - t0:.1f}s')
+  finally:
+    if lock is not None:
+      lock.release()
+      if new_workdir and not accepted:   # a refused run leaves no trace, not even the folder
+        try:
+          os.rmdir(workdir)
+        except OSError:
+          pass
+
+
+def _lock(workdir, main_process, out):
+  """Process 0 takes DIR/.lock for the whole job; every process learns whether it got it."""
+  import jax
+  import numpy as np
+  from mars_jax import workdir as workdir_lib
+  lock, err = None, None
   if main_process:
-    fs.write_text(fs.join(workdir, 'config.json'), config.to_json_best_effort(indent=2))
-  out(f'mars_jax: workdir {workdir}; spectrogram {shapes.spectrogram} -> image {shapes.image} '
-      f'-> latent {shapes.latent}; scales {shapes.scales} ({shapes.num_tokens} tokens)')
-  for name in stages:
-    stage = load_stage(name)
-    if not force and stage.is_complete(config, workdir):
-      out(f'[{name}] complete and matching the config: skipped (--force runs it anyway).')
-      continue
-    out(f'[{name}] starting')
-    t0 = time.time()
-    if name != 'prepare' or main_process:
-      stage.run(config, workdir)
-    _barrier(f'mars_jax/{name}')
-    out(f'[{name}] done in {time.time() - t0:.1f}s')
+    try:
+      lock = workdir_lib.Lock(workdir, out).acquire()
+    except workdir_lib.WorkdirLocked as e:
+      err = e
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils
+    ok = int(multihost_utils.broadcast_one_to_all(np.int32(err is None)))
+    if not ok and err is None:
+      err = workdir_lib.WorkdirLocked(f'{workdir} is in use by another run (process 0 says '
+                                      f'which).')
+  if err is not None:
+    raise err
+  return lock
 
 
 def pipeline_errors():
@@ -143,7 +257,8 @@ def main(argv):
     if isinstance(e, engine.Preempted):
       print(str(e), file=sys.stderr)
       sys.exit(143)  # 128 + SIGTERM: schedulers requeue, a rerun resumes
-    if isinstance(e, (engine.NonFiniteLoss, pipeline_errors())):
+    from mars_jax.train import checkpoint
+    if isinstance(e, (engine.NonFiniteLoss, checkpoint.CheckpointError, pipeline_errors())):
       print(f'error: {e}', file=sys.stderr)
       sys.exit(1)
     raise

@@ -44,3 +44,16 @@ def test_stages_run_in_pipeline_order():
   assert main.parse_stages(['sample', 'prepare', 'tokenizer']) == ['prepare', 'tokenizer', 'sample']
   with pytest.raises(config_lib.ConfigError):
     main.parse_stages(['bogus'])
+
+
+@pytest.mark.parametrize('args, want', [
+    (['--config=no_such_config.py'], 'no such file'),
+    (['--config.sample.nmu=3'], 'Did you mean sample.num'),
+    (['--config.tokenizer.trian.steps=3'], 'Did you mean tokenizer.train.steps'),
+    (['--config.sample.num=-1'], 'sample.num=-1 must be a whole number >= 0'),
+])
+def test_config_mistakes_exit_2_without_a_traceback(tmp_path, args, want):
+  r = _cli(f'--workdir={tmp_path / "w"}', '--stages=prepare', *args, cwd=tmp_path)
+  assert r.returncode == 2, r.stderr[-2000:]
+  assert want in r.stderr and 'Traceback' not in r.stderr
+  assert not (tmp_path / 'w').exists()

@@ -66,10 +66,14 @@ def _check_manifest(manifest: dict, shapes: config_lib.Shapes, config, data_dir:
                       f'outside the config data.pitch_range=({lo}, {hi}); rerun the prepare '
                       f'stage or widen data.pitch_range.')
   paths = [fs.join(data_dir, name) for name in splits[split]['shards']]
-  for p in paths:
+  sizes = splits[split].get('shard_bytes') or [None] * len(paths)
+  for p, size in zip(paths, sizes):
     if not fs.exists(p):
       raise DataError(f'shard {p} is listed in the manifest for split {split!r} but is missing '
                       f'on disk; rerun the prepare stage.')
+    if size is not None and fs.path(p).stat().length != size:
+      raise DataError(f'shard {p} has {fs.path(p).stat().length} bytes but was written with '
+                      f'{size} (truncated or damaged); rerun the prepare stage, which redoes it.')
   if not paths or int(splits[split]['count']) == 0:
     raise DataError(f'split {split!r} in {data_dir} is empty; rerun the prepare stage with more '
                     f'data or check data.max_files and the data filters.')

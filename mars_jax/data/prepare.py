@@ -56,7 +56,8 @@ def load_manifest(workdir):
 
 
 def is_complete(config, workdir) -> bool:
-  """True iff the manifest exists, matches this config, and every shard it names exists."""
+  """True iff the manifest exists, matches this config, and every shard it names exists with the
+  size its sidecar recorded (a truncated shard is redone by the next run)."""
   try:
     m = load_manifest(workdir)
   except (OSError, ValueError):
@@ -64,8 +65,67 @@ def is_complete(config, workdir) -> bool:
   if m.get('format') != FORMAT or m.get('config_hash') != config_hash(config):
     return False
   d = data_dir(workdir)
-  return all(fs.exists(fs.join(d, s))
+  return all(damaged_shard(d, s) is None
              for sp in m.get('splits', {}).values() for s in sp.get('shards', []))
+
+
+def damaged_shard(d, name) -> str | None:
+  """What is wrong with shard `name` in folder `d` (missing, or not the size its sidecar
+  {stem}.done.json recorded), or None."""
+  p = fs.path(fs.join(d, name))
+  if not p.exists():
+    return f'{p} is missing'
+  stem = name[:-len('.array_record')] if name.endswith('.array_record') else name
+  try:
+    want = json.loads(fs.read_text(fs.join(d, stem + '.done.json'))).get('bytes')
+  except (OSError, ValueError, AttributeError):
+    return f'{p}: its sidecar {stem}.done.json is missing or unreadable'
+  got = p.stat().length
+  if want is not None and got != want:
+    return f'{p} has {got} bytes, {want} when written (truncated or damaged)'
+  return None
+
+
+def _refuse_replacing_trained_data(config, workdir, chash):
+  """Data prepared for another config stay while checkpoints trained on them exist: replacing
+  them would leave models whose pitch range and vocabulary no longer match their data."""
+  from mars_jax import workdir as workdir_lib
+  old = workdir_lib._manifest_hash(workdir)
+  if old is None or old == chash:
+    return
+  held = [t.path for t in workdir_lib.trained_folders(config, workdir)
+          if workdir_lib.has_checkpoints(t.path) and workdir_lib._marker_fp(t.path) != t.fingerprint]
+  if held:
+    raise ConfigError(
+        f'{data_dir(workdir)} holds data prepared for another config ({old}; this config {chash}) '
+        f'and {", ".join(held)} hold checkpoints trained on them; nothing was changed. Use a new '
+        f'--workdir for this config, or rerun the CLI with --force to delete those checkpoints.')
+
+
+LABEL_MAX_CHARS = 200
+
+
+def check_vocab(vocab) -> None:
+  """Label names become samples.json entries, report cells and (slugged) file names: each must
+  be a non-empty string of printable characters. Raises DataError naming every bad label."""
+  from mars_jax.data import pipeline
+  bad = []
+  for kind in ('family', 'instrument'):
+    for name in vocab.get(kind, []):
+      if not isinstance(name, str):
+        why = 'not a string'
+      elif not name.strip():
+        why = 'empty'
+      elif any(ord(ch) < 32 or ord(ch) == 127 for ch in name):
+        why = 'has control characters (tab, newline, ...)'
+      elif len(name) > LABEL_MAX_CHARS:
+        why = f'longer than {LABEL_MAX_CHARS} characters'
+      else:
+        continue
+      bad.append(f'{kind} {name!r}: {why}')
+  if bad:
+    raise pipeline.DataError(f'label names the pipeline cannot use: {"; ".join(bad)}. Fix them in '
+                             f'the source\'s labels (e.g. the folder source\'s CSV) and rerun.')
 
 
 def _atomic_json(path, obj):
@@ -153,6 +213,20 @@ def prepare_shard(task, params, d):
   return done
 
 
+def watch_parent(parent_pid, every_s=1.0):
+  """Worker initializer: the worker exits within `every_s` once its parent is gone (killed -9
+  or crashed), instead of waiting forever on a queue nobody feeds."""
+  import threading
+
+  def watch():
+    while True:
+      time.sleep(every_s)
+      if os.getppid() != parent_pid:
+        os._exit(1)
+
+  threading.Thread(target=watch, name='mars_jax-watch-parent', daemon=True).start()
+
+
 def _run_task(args):
   task, params, d = args
   return task['stem'], prepare_shard(task, params, d)
@@ -176,12 +250,14 @@ def run(config, workdir, log=_log):
   if is_complete(config, workdir):
     log(f'[prepare] {d}: complete (config {chash}), nothing to do')
     return load_manifest(workdir)
+  _refuse_replacing_trained_data(config, workdir, chash)
   per_shard = int(config.data.examples_per_shard)
   if per_shard < 1:
     raise ConfigError(f'data.examples_per_shard={per_shard} must be >= 1, e.g. 2048.')
   t0 = time.perf_counter()
   source = sources.get_source(config)
   vocab = sources.vocab(source, config)
+  check_vocab(vocab)
   params = _params(config, shapes)
   tasks = _plan(source, vocab, params, per_shard)
   data = fs.makedirs(d)
@@ -218,7 +294,8 @@ def run(config, workdir, log=_log):
       report(*_run_task(job))
   elif jobs:
     ctx = multiprocessing.get_context('spawn')
-    with concurrent.futures.ProcessPoolExecutor(workers, mp_context=ctx) as pool:
+    with concurrent.futures.ProcessPoolExecutor(workers, mp_context=ctx, initializer=watch_parent,
+                                                initargs=(os.getpid(),)) as pool:
       futures = [pool.submit(_run_task, job) for job in jobs]
       try:
         for fut in concurrent.futures.as_completed(futures):
@@ -230,6 +307,7 @@ def run(config, workdir, log=_log):
   work_s = time.perf_counter() - t_work
 
   manifest = _manifest(config, shapes, chash, vocab, source, tasks, results)
+  _check_splits(manifest, d)
   _atomic_json(manifest_path(workdir), manifest)
   _summary(manifest, config, shapes, n_clips, work_s, time.perf_counter() - t0, workers, log)
   return manifest
@@ -250,6 +328,7 @@ def _manifest(config, shapes, chash, vocab, source, tasks, results):
     splits[split] = {'count': sum(r['count'] for r in mine),
                      'shards': [r['file'] for r in mine],
                      'shard_counts': [r['count'] for r in mine],
+                     'shard_bytes': [r['bytes'] for r in mine],
                      'bytes': sum(r['bytes'] for r in mine),
                      'listed': len(source.examples(split)),
                      'filtered': source.filtered(split)}
@@ -271,6 +350,23 @@ def _manifest(config, shapes, chash, vocab, source, tasks, results):
       'skipped': skipped,
       'skipped_counts': dict(sorted(kinds.items())),
   }
+
+
+def _check_splits(m, d):
+  """A split that ends up empty although its source listed notes (every file missing or
+  skipped), or an empty train split, is an error naming the split: no manifest is written."""
+  from mars_jax.data import pipeline
+  for split, v in m['splits'].items():
+    listed = int(v.get('listed', 0))
+    if v['count'] == 0 and (listed > 0 or split == 'train'):
+      mine = [x for x in m['skipped'] if x.get('split') == split]
+      kinds = collections.Counter(x['reason'].split(':')[0] for x in mine)
+      why = ', '.join(f'{k} {n}' for k, n in sorted(kinds.items())) or 'none listed'
+      examples = '; '.join(f'{x["file"]}: {x["reason"]}' for x in mine[:3])
+      raise pipeline.DataError(
+          f'split {split!r} ends up empty: {listed} notes listed, 0 prepared (skipped: {why})'
+          + (f', e.g. {examples}' if examples else '') + f'. Check data.path and the data '
+          f'filters; {d} has no manifest, so nothing downstream runs on it.')
 
 
 def nsynth_size_estimate(shapes, dtype) -> int:

@@ -35,19 +35,49 @@ def claim(stage_dir, fingerprint, stage):
     fs.write_text(path, json.dumps({'fingerprint': fingerprint, 'complete': False}))
 
 
+def _final_checkpoint(stage_dir):
+  """{'step', 'files': {path: bytes}} of the newest step in stage_dir/checkpoints, or None."""
+  from mars_jax.train import checkpoint
+  d = fs.path(fs.join(stage_dir, 'checkpoints'))
+  if not d.exists():
+    return None
+  steps = sorted(int(p.name) for p in d.iterdir() if p.name.isdigit() and p.is_dir())
+  if not steps:
+    return None
+  cdir = checkpoint.ckpt_dir(stage_dir)
+  return {'step': steps[-1], 'files': checkpoint.files(cdir, steps[-1])}
+
+
 def mark_complete(stage_dir, fingerprint, **extra):
+  """Marks stage_dir complete for `fingerprint`; a training stage's marker also records the
+  final checkpoint's files and sizes, so damage to it later undoes "complete"."""
   if not distributed.is_main():
     return
+  final = _final_checkpoint(stage_dir)
+  if final is not None:
+    extra = {**extra, 'checkpoint': final}
   fs.write_text(_marker(stage_dir),
                 json.dumps({'fingerprint': fingerprint, 'complete': True, **extra}, indent=2))
 
 
 def is_complete(stage_dir, fingerprint):
+  """Marked complete for `fingerprint` and, for a training stage, its final checkpoint is as it
+  was written (present, same file sizes, JSON metadata intact)."""
   try:
     m = json.loads(fs.read_text(_marker(stage_dir)))
   except (OSError, ValueError):
     return False
-  return m.get('complete', False) and m.get('fingerprint') == fingerprint
+  if not (m.get('complete', False) and m.get('fingerprint') == fingerprint):
+    return False
+  final = m.get('checkpoint')
+  if final is not None:
+    from mars_jax.train import checkpoint
+    bad = checkpoint.check_files(checkpoint.ckpt_dir(stage_dir), final['step'], final['files'])
+    if bad:
+      print(f'[{stage_dir}] marked complete, but its final checkpoint is damaged ({bad}): '
+            f'not complete.', flush=True)
+      return False
+  return True
 
 
 def train_on_prepared(task, config, stage, stage_dir, workdir, fingerprint):

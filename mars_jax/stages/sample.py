@@ -1,5 +1,6 @@
 """`sample` stage: writes DIR/samples/*.wav and samples.json for the configured requests."""
 import json
+import re
 
 import jax
 
@@ -37,6 +38,18 @@ def requests(config, pitches, instruments):
   return [grid[(j * stride) % len(grid)] for j in range(n)]
 
 
+def slug(name, max_len=40) -> str:
+  """A file-name-safe form of a label: letters, digits, '_' and '-' only (no '/', no '..', no
+  spaces), at most `max_len` characters; samples.json keeps the real name."""
+  out = re.sub(r'[^A-Za-z0-9_-]+', '-', str(name)).strip('-_')[:max_len].strip('-_')
+  return out or 'x'
+
+
+def file_name(index, pitch, instrument, seed) -> str:
+  """`{index:05d}_p{pitch}_{slug}_s{seed}.wav`: unique through the index, safe through the slug."""
+  return f'{index:05d}_p{int(pitch)}_{slug(instrument)}_s{int(seed)}.wav'
+
+
 def _gcd(a, b):
   while b:
     a, b = b, a % b
@@ -61,7 +74,7 @@ def run(config, workdir):
     seeds = [s.seed + start + j for j in range(len(chunk))]
     waves = gen.audio(gen.spectrograms([p for p, _ in chunk], [i for _, i in chunk], seeds))
     for j, ((pitch, inst), seed) in enumerate(zip(chunk, seeds)):
-      name = f'{start + j:05d}_p{pitch}_{inst}_s{seed}.wav'
+      name = file_name(start + j, pitch, inst, seed)   # the real name goes in the entry
       if jax.process_index() == 0:
         save_wav(fs.join(out, name), waves[j], gen.sample_rate)
       entries.append({'file': name, 'pitch': pitch, 'instrument': inst,
