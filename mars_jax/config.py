@@ -11,7 +11,7 @@ import json
 import math
 
 MODES = ('cmx', 'truncate', 'none')
-SOURCES = ('synthetic', 'nsynth', 'folder')
+SOURCES = ('synthetic', 'nsynth', 'folder', 'soundfont')
 
 
 class ConfigError(ValueError):
@@ -112,6 +112,8 @@ def derive(config) -> Shapes:
   if config.data.instrument_label not in ('family', 'instrument'):
     raise ConfigError(f"data.instrument_label={config.data.instrument_label!r}: "
                       f"use 'family' or 'instrument'.")
+  if config.data.source == 'soundfont':
+    validate_soundfont(config)
 
   for stage in ('tokenizer', 'autoregressor', 'classifier'):
     tr = config[stage].train
@@ -139,6 +141,32 @@ def derive(config) -> Shapes:
   return Shapes(n_samples=n, freq_bins=freq, frames=frames, image=image, downsample=down,
                 latent=latent, scales=scales, num_tokens=sum(p * p for p in scales),
                 num_pitches=hi - lo + 1, pitch_lo=lo)
+
+
+def validate_soundfont(config) -> None:
+  """ConfigError naming the data.soundfont.* / data.velocities field that cannot be used."""
+  from mars_jax.data.synthetic import NSYNTH_FAMILIES
+  s = config.data.soundfont
+  fams = tuple(s.families)
+  bad = [f for f in fams if f not in NSYNTH_FAMILIES]
+  if bad or not fams:
+    raise ConfigError(f'data.soundfont.families={fams}: use a non-empty subset of '
+                      f'{NSYNTH_FAMILIES}.')
+  for field in ('programs_per_family', 'notes_per_pitch'):
+    if int(s[field]) < 0:
+      raise ConfigError(f'data.soundfont.{field}={s[field]} must be >= 0 (0: all).')
+  if not 0.0 < float(s.hold) <= 1.0:
+    raise ConfigError(f'data.soundfont.hold={s.hold} must be in (0, 1]: the fraction of '
+                      f'spectrogram.duration the key is held (NSynth: 0.75).')
+  if not 0.0 < float(s.gain) <= 10.0:
+    raise ConfigError(f'data.soundfont.gain={s.gain} must be in (0, 10] (FluidSynth synth.gain).')
+  vf, tf = float(s.valid_fraction), float(s.test_fraction)
+  if not (vf >= 0.0 and tf >= 0.0 and vf + tf < 1.0):
+    raise ConfigError(f'data.soundfont.valid_fraction={vf}, data.soundfont.test_fraction={tf}: '
+                      f'each must be >= 0 and their sum < 1.')
+  bad = [int(v) for v in config.data.velocities if not 1 <= int(v) <= 127]
+  if bad:
+    raise ConfigError(f'data.velocities has {bad}; MIDI velocities are 1..127.')
 
 
 def validate_sample(s) -> None:

@@ -33,13 +33,15 @@ def get_config():
 
   # --- data ---------------------------------------------------------------
   c.data = mlc.ConfigDict()
-  c.data.source = 'synthetic'        # 'synthetic' | 'nsynth' | 'folder'
-  c.data.path = ''                   # nsynth: folder with nsynth-{train,valid,test}/; folder: audio root
+  c.data.source = 'synthetic'        # 'synthetic' | 'nsynth' | 'folder' | 'soundfont'
+  c.data.path = ''                   # nsynth: folder with nsynth-{train,valid,test}/; folder: audio root;
+                                     # soundfont: the .sf2/.sf3 ('' = a system GM SoundFont)
   c.data.labels_csv = ''             # folder source: CSV (file,pitch,instrument[,split]); '' = <path>/labels.csv
   c.data.pitch_range = (21, 108)     # inclusive MIDI pitches kept
   c.data.instrument_sources = ()     # nsynth filter, e.g. ('acoustic',); () keeps all
   c.data.instrument_families = ()    # nsynth filter, e.g. ('brass', 'string'); () keeps all
-  c.data.velocities = ()             # nsynth filter, e.g. (75, 100); () keeps all
+  c.data.velocities = ()             # nsynth filter, e.g. (75, 100); () keeps all;
+                                     # soundfont: velocities rendered (() = NSynth's 25..127)
   c.data.instrument_label = 'family'  # conditioning label: 'family' | 'instrument'
   c.data.storage_dtype = 'float16'   # dtype of the stored spectrograms
   c.data.examples_per_shard = 2048
@@ -53,6 +55,16 @@ def get_config():
   c.data.synthetic.per_pitch_family = 2    # train notes per (pitch, family)
   c.data.synthetic.valid_fraction = 0.1
   c.data.synthetic.test_fraction = 0.1
+  # data.source='soundfont': General MIDI programs rendered by FluidSynth (mars_jax/data/soundfont.py)
+  c.data.soundfont = mlc.ConfigDict()
+  c.data.soundfont.families = ('bass', 'brass', 'flute', 'guitar', 'keyboard', 'mallet', 'organ',
+                               'reed', 'string', 'synth_lead', 'vocal')   # NSynth's 11
+  c.data.soundfont.programs_per_family = 0  # GM programs kept per family (seeded pick); 0 = all mapped
+  c.data.soundfont.notes_per_pitch = 1      # velocities per (program, pitch), seeded pick; 0 = all
+  c.data.soundfont.hold = 0.75              # key held for this fraction of the clip, then released
+  c.data.soundfont.gain = 1.0               # FluidSynth synth.gain (its own default 0.2 is quiet)
+  c.data.soundfont.valid_fraction = 0.1     # of each family's programs, held out (>= 1 of 3+)
+  c.data.soundfont.test_fraction = 0.1
 
   # --- spectrogram front end ----------------------------------------------
   c.spectrogram = mlc.ConfigDict()

@@ -333,6 +333,7 @@ def _manifest(config, shapes, chash, vocab, source, tasks, results):
                      'listed': len(source.examples(split)),
                      'filtered': source.filtered(split)}
   kinds = collections.Counter(audio_io.reason_kind(x['reason']) for x in skipped)
+  extra = {'source_info': source.info()} if hasattr(source, 'info') else {}
   return {
       'format': FORMAT,
       'config_hash': chash,
@@ -349,6 +350,7 @@ def _manifest(config, shapes, chash, vocab, source, tasks, results):
       'fixed': {k: int(fixed.get(k, 0)) for k in audio_io.FIXES},
       'skipped': skipped,
       'skipped_counts': dict(sorted(kinds.items())),
+      **extra,   # what a source records about itself (soundfont: file, hash, programs by split)
   }
 
 

@@ -1,4 +1,5 @@
-"""Where notes come from: NSynth as distributed, a folder of labelled audio, or synthetic notes.
+"""Where notes come from: NSynth as distributed, a folder of labelled audio, synthetic notes,
+or a General MIDI SoundFont (mars_jax/data/soundfont.py).
 
 Every source lists its examples per split without decoding audio (cheap, done once in
 the parent of `prepare`), so shards can be planned and handed to worker processes.
@@ -332,7 +333,13 @@ def _require_dir(config, kind):
   return path
 
 
-SOURCES = {'nsynth': NSynthSource, 'folder': FolderSource, 'synthetic': SyntheticSource}
+def _soundfont_source(config):
+  from mars_jax.data.soundfont import SoundFontSource   # imports this module: import it late
+  return SoundFontSource(config)
+
+
+SOURCES = {'nsynth': NSynthSource, 'folder': FolderSource, 'synthetic': SyntheticSource,
+           'soundfont': _soundfont_source}
 
 
 def get_source(config) -> Source:
@@ -354,6 +361,10 @@ def vocab(source: Source, config=None) -> dict:
     for f in source.config.data.synthetic.families:
       fams.add(f)
       insts.update(synthetic.instrument_names(f))
+  if hasattr(source, 'vocab_labels'):   # soundfont: every selected program, always
+    more_fams, more_insts = source.vocab_labels()
+    fams.update(more_fams)
+    insts.update(more_insts)
   cfg = config or source.config
   return {'family': sorted(fams), 'instrument': sorted(insts),
           'pitch_range': [int(v) for v in cfg.data.pitch_range]}
