@@ -30,8 +30,10 @@ def get_config():
   c.tokenizer.num_phi = 2
   c.tokenizer.train.steps = 300
   c.tokenizer.train.batch_size = 16
-  c.tokenizer.train.checkpoint_every = 100
-  c.tokenizer.train.eval_every = 100
+  # Cadences as counts per run (defaults.py), so `--config.*.train.steps=N` moves them too:
+  # 3 -> every 100 of the 300 tokenizer steps; the autoregressor's default 4 -> every 100 of 400.
+  c.tokenizer.train.checkpoints_per_run = 3
+  c.tokenizer.train.evals_per_run = 3
   c.tokenizer.train.lr = 1e-3
   # Narrower than VAR's 64*depth: at width 256 one step (batch 32 x 85 tokens) is ~50 GFLOP,
   # 1.7 s on 2 cores; width 128 with depth 3 keeps it a fraction of that.
@@ -40,8 +42,6 @@ def get_config():
   c.autoregressor.heads = 4
   c.autoregressor.train.steps = 400
   c.autoregressor.train.batch_size = 32
-  c.autoregressor.train.checkpoint_every = 100
-  c.autoregressor.train.eval_every = 100
   c.autoregressor.train.lr = 1e-3
   c.sample.num = 96                # ~5-point standard error on pitch accuracy
   c.sample.top_k = 0
@@ -51,6 +51,6 @@ def get_config():
   c.classifier.widths = (16, 32)
   c.classifier.train.steps = 150
   c.classifier.train.batch_size = 32
-  c.classifier.train.checkpoint_every = 150
-  c.classifier.train.eval_every = 150
+  c.classifier.train.checkpoints_per_run = 2   # one save and one held-out check mid-run
+  c.classifier.train.evals_per_run = 2
   return c

@@ -117,9 +117,20 @@ def derive(config) -> Shapes:
 
   for stage in ('tokenizer', 'autoregressor', 'classifier'):
     tr = config[stage].train
-    for field in ('steps', 'batch_size', 'checkpoint_every', 'log_every', 'eval_every'):
+    # Counts first: checkpoint_every / eval_every derive from them (defaults.py).
+    for field in ('steps', 'batch_size', 'checkpoints_per_run', 'evals_per_run',
+                  'checkpoint_every', 'log_every', 'eval_every'):
       if tr[field] < 1:
         raise ConfigError(f'{stage}.train.{field}={tr[field]} must be >= 1.')
+    if not 0 <= tr.warmup_fraction < 1:
+      raise ConfigError(f'{stage}.train.warmup_fraction={tr.warmup_fraction} must be in [0, 1).')
+    if not 0 <= tr.warmup_steps < tr.steps:
+      raise ConfigError(
+          f'{stage}.train.warmup_steps={tr.warmup_steps} must be in [0, steps={tr.steps}): the run '
+          f'would end inside its warm-up. Lower it, or leave it unset: it is then '
+          f'round(steps * warmup_fraction).')
+    if not 0 <= tr.end_lr_fraction <= 1:
+      raise ConfigError(f'{stage}.train.end_lr_fraction={tr.end_lr_fraction} must be in [0, 1].')
     if tr.compute_dtype not in ('float32', 'bfloat16'):
       raise ConfigError(f"{stage}.train.compute_dtype={tr.compute_dtype!r}: "
                         f"use 'float32' or 'bfloat16'.")

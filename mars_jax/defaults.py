@@ -4,27 +4,69 @@ The keys listed in DESIGN.md ("Config keys other tools rely on") are a contract:
 keep their names and meanings. Shapes are never set here directly; they are
 derived once, in `mars_jax.config.derive`, from the fields below.
 """
+import collections
+
 import ml_collections as mlc
 
 
 def _train(steps, batch_size, lr):
+  """One stage's training settings.
+
+  Derived fields follow the fields they derive from, whoever sets those (this file, a config file,
+  `--config.<stage>.train.steps=N`, Python): each is an ml_collections FieldReference computed
+  when read, so changing `steps` (or a fraction / count below) moves it too, and config.json
+  (written with every reference resolved) records the numbers actually used. Setting a derived
+  field itself (`warmup_steps = 500`, `--config.<stage>.train.eval_every=50`) replaces the rule
+  with that value: an explicit value always wins. The rule, for every stage:
+
+    warmup_steps     = round(steps * warmup_fraction)          (nearest integer)
+    checkpoint_every = ceil(steps / checkpoints_per_run)       (so >= 1)
+    eval_every       = ceil(steps / evals_per_run)             (so >= 1)
+
+  With steps >= 2 and a count >= 2, at least one checkpoint and one eval happen before the last
+  step (the engine also saves and evaluates at the last step, whatever the cadence).
+  The learning rate rises linearly from 0 over the warm-up to `lr`, then follows a cosine to
+  `lr * end_lr_fraction`, reached exactly at the last step (step `steps - 1`).
+  """
   t = mlc.ConfigDict()
   t.steps = steps
   t.batch_size = batch_size          # global batch, over all processes
-  t.checkpoint_every = max(1, steps // 4)
+  t.checkpoints_per_run = 4          # checkpoint_every derives from it (see above)
+  t.checkpoint_every = _derived(_ceil_div, t.get_ref('steps'), t.get_ref('checkpoints_per_run'))
   t.keep_checkpoints = 2
   t.log_every = 10
-  t.eval_every = max(1, steps // 4)
-  t.lr = lr
-  t.warmup_steps = max(1, steps // 20)
-  t.end_lr_fraction = 0.1            # cosine decay to lr * this
+  t.evals_per_run = 4                # eval_every derives from it (see above)
+  t.eval_every = _derived(_ceil_div, t.get_ref('steps'), t.get_ref('evals_per_run'))
+  t.lr = lr                          # peak learning rate, reached at the end of the warm-up
+  t.warmup_fraction = 0.05           # warmup_steps derives from it (see above)
+  t.warmup_steps = _derived(_fraction_of, t.get_ref('steps'), t.get_ref('warmup_fraction'))
+  t.end_lr_fraction = 0.1            # cosine decay to lr * this, reached at the last step
   t.b1 = 0.9
   t.b2 = 0.95
-  t.weight_decay = 0.05              # matrices only
+  t.weight_decay = 0.05              # on weight matrices and conv kernels only, chosen by name
+                                     # (mars_jax.train.engine.DECAYED_PARAM_NAMES)
   t.clip_norm = 2.0
   t.ema_decay = 0.0                  # 0 disables the parameter EMA
   t.compute_dtype = 'float32'        # 'bfloat16': bf16 compute, fp32 master weights
   return t
+
+
+# A FieldReference computes `op.fn(value, *op.args)` when read. Module-level functions (not
+# FieldReference.to_int's lambda) keep a config holding these references picklable.
+_Op = collections.namedtuple('_Op', ['fn', 'args'])
+
+
+def _derived(fn, first, *rest):
+  """An int field equal to fn(first, *rest), recomputed whenever a referenced field changes."""
+  return mlc.FieldReference(first, field_type=int, op=_Op(fn, list(rest)))
+
+
+def _ceil_div(a, b):
+  return -(-int(a) // int(b)) if b > 0 else 0   # a count < 1 is reported by config.derive
+
+
+def _fraction_of(steps, fraction):
+  return int(round(steps * fraction))
 
 
 def get_config():

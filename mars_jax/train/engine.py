@@ -58,7 +58,7 @@ class Task:
   on_eval(params, step, stage_dir): python callback at every eval (images, audio); runs on every
     process with the global (sharded) params, so it may gather; write files from process 0 only.
     It may return {name: float}, logged with the eval's metrics (e.g. a pyin pitch score).
-  decay_mask(params) -> bool tree: weight decay where True (default: leaves with ndim >= 2).
+  decay_mask(params) -> bool tree: weight decay where True (default: `decay_mask`, by name).
   trainable(params) -> bool tree: False leaves are frozen (zero update; default all trainable).
   cast_params: with compute_dtype='bfloat16', cast float32 params to bf16 inside the step.
   frozen: a pytree of (sharded) arrays another stage trained, e.g. the tokenizer under the
@@ -112,26 +112,79 @@ class NonFiniteLoss(FloatingPointError):
 # --- optimizer ---------------------------------------------------------------------------------
 
 
-def _default_decay_mask(params):
-  return jax.tree.map(lambda x: jnp.ndim(x) >= 2, params)
+# Weight decay goes to weight matrices and convolution kernels only, chosen by the parameter's
+# NAME (the last key of its path), never by its rank: under nn.scan every block bias is 2-D. This
+# follows the reference VAR (utils/lr_control.py filter_params with train.py's nowd_keys): no
+# decay on biases, 1-D tensors, the attention's learned scale (VAR scale_mul, ours log_scale) or
+# the start / position / level embeddings (VAR pos_start, pos_1LC, lvl_embed); VAR does decay its
+# class embedding, whose counterparts here are the pitch and instrument tables. Not decayed
+# either: GroupNorm scales and biases and the VQ codebook (decay would pull the codes towards 0
+# against the commitment loss; VAR never trains its VQ-VAE). tests/test_schedule.py lists every
+# parameter this selects in the tiny tokenizer and VAR.
+DECAYED_PARAM_NAMES = frozenset({
+    'kernel',                     # every nn.Dense / nn.Conv weight (all models)
+    'qkv', 'proj',                # VAR attention's explicit q/k/v and output projections
+    'pitch_embed', 'inst_embed',  # VAR's class_emb (condition tables)
+})
+
+
+def _leaf_name(path):
+  last = path[-1] if path else None
+  return str(getattr(last, 'key', getattr(last, 'name', last)))
+
+
+def decay_mask(params):
+  """True where weight decay applies: leaves named in DECAYED_PARAM_NAMES."""
+  return jax.tree_util.tree_map_with_path(lambda p, _: _leaf_name(p) in DECAYED_PARAM_NAMES,
+                                          params)
+
+
+def schedule_points(tc) -> dict:
+  """The numbers of `<stage>.train`'s learning-rate schedule, as make_optimizer builds it.
+
+  Linear warm-up from 0 at step 0 to the peak `lr` at step `warmup`, then a cosine to
+  `lr * end_lr_fraction`, reached exactly at the last step (`steps - 1`), so the last update uses
+  the end value. Step i is the i-th update (metrics.jsonl's `lr` at step n is the schedule at n-1).
+  """
+  steps = int(tc.steps)
+  warmup = max(0, min(int(tc.warmup_steps), steps - 1))   # config.derive rejects warmup >= steps
+  return dict(steps=steps, warmup=warmup, peak=float(tc.lr),
+              end=float(tc.lr) * float(tc.end_lr_fraction),
+              decay_steps=max(steps - 1, warmup + 1))     # optax: steps to the end value
 
 
 def make_optimizer(tc, task: Task):
   """AdamW (decoupled decay on matrices) with linear warmup + cosine decay, global-norm clipping."""
-  warmup = max(0, min(int(tc.warmup_steps), int(tc.steps) - 1))
+  pts = schedule_points(tc)
   schedule = optax.warmup_cosine_decay_schedule(
-      init_value=0.0, peak_value=tc.lr, warmup_steps=warmup,
-      decay_steps=max(int(tc.steps), warmup + 1), end_value=tc.lr * tc.end_lr_fraction)
+      init_value=0.0, peak_value=pts['peak'], warmup_steps=pts['warmup'],
+      decay_steps=pts['decay_steps'], end_value=pts['end'])
   parts = []
   if tc.clip_norm and tc.clip_norm > 0:
     parts.append(optax.clip_by_global_norm(tc.clip_norm))
   parts.append(optax.adamw(schedule, b1=tc.b1, b2=tc.b2, weight_decay=tc.weight_decay,
-                           mask=task.decay_mask or _default_decay_mask))
+                           mask=task.decay_mask or decay_mask))
   tx = optax.chain(*parts)
   if task.trainable is not None:
     labels = lambda p: jax.tree.map(lambda t: 'train' if t else 'frozen', task.trainable(p))
     tx = optax.multi_transform({'train': tx, 'frozen': optax.set_to_zero()}, labels)
   return tx, schedule
+
+
+def describe_schedule(stage, tc, params=None, mask_fn=None) -> str:
+  """One line: the schedule and, given (abstract) params, what weight decay applies to."""
+  pts = schedule_points(tc)
+  line = (f'{stage}: lr schedule: {pts["steps"]} steps, warm-up {pts["warmup"]} steps '
+          f'0 -> {pts["peak"]:g}, cosine to {pts["end"]:g} at the last step; '
+          f'AdamW b1={tc.b1:g} b2={tc.b2:g}, clip {tc.clip_norm:g}, weight decay {tc.weight_decay:g}')
+  if params is not None:
+    leaves = jax.tree.leaves(params)
+    flags = jax.tree.leaves((mask_fn or decay_mask)(params))
+    n = sum(int(np.prod(x.shape)) for x in leaves)
+    nd = sum(int(np.prod(x.shape)) for x, f in zip(leaves, flags) if f)
+    line += (f' on {sum(map(bool, flags))} of {len(leaves)} tensors '
+             f'({nd / max(n, 1):.1%} of {n:,} params)')
+  return line
 
 
 # --- state construction ------------------------------------------------------------------------
@@ -375,6 +428,7 @@ def train(task: Task, config, stage: str, stage_dir: str, train_iter_fn: Callabl
   try:
     with jax.set_mesh(mesh), nn.logical_axis_rules(rules), _SigtermFlag() as sigterm:
       abstract, shard = state_shardings(task, tx, tc, mesh, rules, rng, batch_abs)
+      tlog.say('%s', describe_schedule(stage, tc, abstract.params, task.decay_mask))
       target = ckpt.abstract_with_shardings(abstract, shard)
       latest = mngr.latest_step()
       if latest is not None:
