@@ -19,12 +19,10 @@ from mars_jax import fs
 from mars_jax.config import ConfigError
 
 
-def _marker_fp(stage_dir):
+def marker_fingerprint(stage_dir):
   """The fingerprint recorded in stage_dir/fingerprint.json, or None."""
-  try:
-    return json.loads(fs.read_text(fs.join(stage_dir, 'fingerprint.json'))).get('fingerprint')
-  except (OSError, ValueError, AttributeError):
-    return None
+  from mars_jax.stages import common
+  return (common.read_marker(stage_dir) or {}).get('fingerprint')
 
 
 def has_checkpoints(stage_dir) -> bool:
@@ -35,7 +33,7 @@ def has_checkpoints(stage_dir) -> bool:
     return False
 
 
-def _manifest_hash(workdir):
+def manifest_hash(workdir):
   """config_hash of DIR/data/manifest.json: None when absent, '?' when unreadable."""
   from mars_jax.data import prepare
   path = prepare.manifest_path(workdir)
@@ -71,6 +69,17 @@ def trained_folders(config, workdir):
   return out
 
 
+def foreign_checkpoints(config, workdir):
+  """[(Trained, recorded fingerprint)] of the folders holding checkpoints of another config."""
+  out = []
+  for t in trained_folders(config, workdir):
+    if has_checkpoints(t.path):
+      fp = marker_fingerprint(t.path)
+      if fp != t.fingerprint:
+        out.append((t, fp))
+  return out
+
+
 @dataclasses.dataclass
 class Plan:
   """An accepted run: what --force deletes first (empty without conflicts)."""
@@ -101,11 +110,11 @@ def check_run(config, workdir, stages, force=False, num_devices=None, num_proces
     if 'evaluate' in stages and 'classifier' in config:
       config_lib.validate_batch(config, 'classifier', num_devices, num_processes)
   if not fs.exists(workdir):
-    _check_inputs(config, workdir, stages, {})
+    _check_inputs(config, workdir, stages, set())
     return Plan()
 
   # Which stages of this run write new content (as opposed to finding it done or resuming it)?
-  old_data = _manifest_hash(workdir)
+  old_data = manifest_hash(workdir)
   new_data = prepare.config_hash(config)
   data_replaced = 'prepare' in stages and old_data is not None and old_data != new_data
   writes = {'prepare': data_replaced}
@@ -113,12 +122,7 @@ def check_run(config, workdir, stages, force=False, num_devices=None, num_proces
     writes[st] = st in stages and not _complete(st, config, workdir)
 
   conflicts = []   # (Trained, reason)
-  for t in trained_folders(config, workdir):
-    if not has_checkpoints(t.path):
-      continue
-    fp = _marker_fp(t.path)
-    if fp == t.fingerprint:
-      continue
+  for t, fp in foreign_checkpoints(config, workdir):
     if t.stage in stages:
       conflicts.append((t, f'holds {t.name} checkpoints trained with another config '
                            f'(fingerprint {fp}, this config {t.fingerprint}), which the '
@@ -137,7 +141,7 @@ def check_run(config, workdir, stages, force=False, num_devices=None, num_proces
     delete = [(t.path, f'{t.name} checkpoints of another config') for t, _ in conflicts]
     samples = fs.join(workdir, 'samples')
     from mars_jax.stages import sample as sample_stage
-    if (fs.exists(samples) and _marker_fp(samples) != sample_stage.fingerprint(config)
+    if (fs.exists(samples) and marker_fingerprint(samples) != sample_stage.fingerprint(config)
         and any(t.stage in ('tokenizer', 'autoregressor') for t, _ in conflicts)):
       delete.append((samples, 'samples of the deleted models'))
     for name in ('eval/metrics.json', 'eval/fingerprint.json', 'report.html'):
@@ -153,7 +157,7 @@ def check_run(config, workdir, stages, force=False, num_devices=None, num_proces
     plan = Plan(delete=delete)
     if data_replaced:
       plan.notes.append(f'{prepare.data_dir(workdir)} is re-prepared for this config.')
-    _check_inputs(config, workdir, stages, {p for p in dead})
+    _check_inputs(config, workdir, stages, set(dead))
     return plan
   _check_inputs(config, workdir, stages, set())
   return Plan()
@@ -208,14 +212,14 @@ def check_generator(config, workdir) -> None:
   from mars_jax.stages import autoregressor as ar_stage
   from mars_jax.stages import tokenizer as tok_stage
   bad = []
-  got = _manifest_hash(workdir)
+  got = manifest_hash(workdir)
   if got != prepare.config_hash(config):
     bad.append(f'{prepare.data_dir(workdir)} (prepared for config {got}, this config '
                f'{prepare.config_hash(config)})')
   for name, fp in (('tokenizer', tok_stage.fingerprint(config)),
                    ('autoregressor', ar_stage.fingerprint(config))):
     d = fs.join(workdir, name)
-    old = _marker_fp(d)
+    old = marker_fingerprint(d)
     if old != fp:
       bad.append(f'{d} (trained with config {old}, this config {fp})')
   if bad:

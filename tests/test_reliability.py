@@ -49,6 +49,17 @@ def _quiet(*a, **k):
   pass
 
 
+def _folder_config(tmp_path, rows):
+  """The tiny config on a folder source at tmp_path/corpus whose labels.csv holds `rows`."""
+  from conftest import load_config
+  root = tmp_path / 'corpus'
+  root.mkdir()
+  (root / 'labels.csv').write_text('file,pitch,instrument,split\n' + rows)
+  c = load_config('tiny')
+  c.data.source, c.data.path, c.data.prepare_workers = 'folder', str(root), 1
+  return c
+
+
 # --- bug 1: a refused run never changes the workdir --------------------------------------------
 
 @pytest.mark.parametrize('stages', [('prepare', 'tokenizer', 'autoregressor', 'sample'),
@@ -266,16 +277,10 @@ def test_sample_file_names_are_slugs_and_samples_json_keeps_the_names(tmp_path, 
 def test_prepare_checks_label_vocabularies(tmp_path):
   import soundfile as sf
   from mars_jax.data import pipeline, prepare
-  from conftest import load_config
-  root = tmp_path / 'corpus'
-  root.mkdir()
   tone = (0.5 * np.sin(2 * np.pi * 330 * np.arange(8192) / 8000)).astype(np.float32)
+  c = _folder_config(tmp_path, 'a.wav,64,ok,train\nb.wav,64,"tab\there",train\n')
   for f in ('a.wav', 'b.wav'):
-    sf.write(str(root / f), tone, 8000)
-  (root / 'labels.csv').write_text('file,pitch,instrument,split\na.wav,64,ok,train\n'
-                                   'b.wav,64,"tab\there",train\n')
-  c = load_config('tiny')
-  c.data.source, c.data.path, c.data.prepare_workers = 'folder', str(root), 1
+    sf.write(os.path.join(c.data.path, f), tone, 8000)
   with pytest.raises(pipeline.DataError, match=r"instrument.*'tab\\there'.*control"):
     prepare.run(c, str(tmp_path / 'work'), log=_quiet)
   assert not (tmp_path / 'work' / 'data').exists()
@@ -377,20 +382,10 @@ def test_only_damage_counts_as_damage(workdir_copy):
 
 # --- bug 5: a damaged data shard is found and redone --------------------------------------------
 
-def _small_data_config():
-  from conftest import load_config
-  c = load_config('tiny')
-  c.data.pitch_range = (60, 63)
-  c.data.synthetic.families = ('brass', 'guitar')
-  c.data.synthetic.per_pitch_family = 2
-  c.data.examples_per_shard = 5
-  c.data.prepare_workers = 1
-  return c
-
-
 def test_truncated_shard_is_not_prepared_and_is_redone(tmp_path):
   from mars_jax.data import pipeline, prepare
-  c, w = _small_data_config(), str(tmp_path / 'w')
+  from test_prepare import _small_synthetic
+  c, w = _small_synthetic(), str(tmp_path / 'w')
   m = prepare.run(c, w, log=_quiet)
   ddir = pathlib.Path(w, 'data')
   shard = ddir / m['splits']['train']['shards'][0]
@@ -408,13 +403,7 @@ def test_truncated_shard_is_not_prepared_and_is_redone(tmp_path):
 
 def test_a_split_that_ends_up_empty_is_an_error(tmp_path):
   from mars_jax.data import pipeline, prepare
-  from conftest import load_config
-  root = tmp_path / 'corpus'
-  root.mkdir()
-  (root / 'labels.csv').write_text('file,pitch,instrument,split\ngone1.wav,64,a,train\n'
-                                   'gone2.wav,65,a,train\n')
-  c = load_config('tiny')
-  c.data.source, c.data.path, c.data.prepare_workers = 'folder', str(root), 1
+  c = _folder_config(tmp_path, 'gone1.wav,64,a,train\ngone2.wav,65,a,train\n')
   with pytest.raises(pipeline.DataError, match=r"split 'train' ends up empty: 2 notes listed"):
     prepare.run(c, str(tmp_path / 'w'), log=_quiet)
   assert not prepare.is_complete(c, str(tmp_path / 'w'))

@@ -90,11 +90,10 @@ def _refuse_replacing_trained_data(config, workdir, chash):
   """Data prepared for another config stay while checkpoints trained on them exist: replacing
   them would leave models whose pitch range and vocabulary no longer match their data."""
   from mars_jax import workdir as workdir_lib
-  old = workdir_lib._manifest_hash(workdir)
+  old = workdir_lib.manifest_hash(workdir)
   if old is None or old == chash:
     return
-  held = [t.path for t in workdir_lib.trained_folders(config, workdir)
-          if workdir_lib.has_checkpoints(t.path) and workdir_lib._marker_fp(t.path) != t.fingerprint]
+  held = [t.path for t, _ in workdir_lib.foreign_checkpoints(config, workdir)]
   if held:
     raise ConfigError(
         f'{data_dir(workdir)} holds data prepared for another config ({old}; this config {chash}) '

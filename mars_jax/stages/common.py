@@ -20,19 +20,28 @@ def _marker(stage_dir):
   return fs.join(stage_dir, 'fingerprint.json')
 
 
+def read_marker(stage_dir):
+  """stage_dir/fingerprint.json ({'fingerprint', 'complete', ...}), or None if absent or
+  unreadable."""
+  try:
+    m = json.loads(fs.read_text(_marker(stage_dir)))
+  except (OSError, ValueError):
+    return None
+  return m if isinstance(m, dict) else None
+
+
 def claim(stage_dir, fingerprint, stage):
   """Records which config owns `stage_dir`; refuses to resume checkpoints of another config."""
   fs.makedirs(stage_dir)
-  path = _marker(stage_dir)
-  if fs.exists(path):
-    old = json.loads(fs.read_text(path))
-    if old['fingerprint'] != fingerprint and fs.exists(fs.join(stage_dir, 'checkpoints')):
-      raise config_lib.ConfigError(
-          f'{stage_dir} holds {stage} checkpoints trained with another config '
-          f'(fingerprint {old["fingerprint"]}, now {fingerprint}); use another --workdir, or '
-          f'delete {stage_dir} to retrain.')
+  old = read_marker(stage_dir)
+  if (old is not None and old.get('fingerprint') != fingerprint
+      and fs.exists(fs.join(stage_dir, 'checkpoints'))):
+    raise config_lib.ConfigError(
+        f'{stage_dir} holds {stage} checkpoints trained with another config '
+        f'(fingerprint {old.get("fingerprint")}, now {fingerprint}); use another --workdir, or '
+        f'delete {stage_dir} to retrain.')
   if distributed.is_main():
-    fs.write_text(path, json.dumps({'fingerprint': fingerprint, 'complete': False}))
+    fs.write_text(_marker(stage_dir), json.dumps({'fingerprint': fingerprint, 'complete': False}))
 
 
 def _final_checkpoint(stage_dir):
@@ -63,11 +72,8 @@ def mark_complete(stage_dir, fingerprint, **extra):
 def is_complete(stage_dir, fingerprint):
   """Marked complete for `fingerprint` and, for a training stage, its final checkpoint is as it
   was written (present, same file sizes, JSON metadata intact)."""
-  try:
-    m = json.loads(fs.read_text(_marker(stage_dir)))
-  except (OSError, ValueError):
-    return False
-  if not (m.get('complete', False) and m.get('fingerprint') == fingerprint):
+  m = read_marker(stage_dir)
+  if not (m and m.get('complete', False) and m.get('fingerprint') == fingerprint):
     return False
   final = m.get('checkpoint')
   if final is not None:
