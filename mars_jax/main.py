@@ -16,16 +16,10 @@ from ml_collections import config_flags
 
 from mars_jax import config as config_lib
 from mars_jax import fs
+from mars_jax import stages as stages_table
 
-STAGES = ('prepare', 'tokenizer', 'autoregressor', 'sample', 'evaluate')
 # Each stage module has `run(config, workdir)` and `is_complete(config, workdir) -> bool`.
-STAGE_MODULES = {
-    'prepare': 'mars_jax.data.prepare',
-    'tokenizer': 'mars_jax.stages.tokenizer',
-    'autoregressor': 'mars_jax.stages.autoregressor',
-    'sample': 'mars_jax.stages.sample',
-    'evaluate': 'mars_jax.stages.evaluate',
-}
+STAGES, STAGE_MODULES = stages_table.STAGES, stages_table.MODULES
 DEFAULT_CONFIG = str(pathlib.Path(__file__).resolve().parents[1] / 'configs' / 'tiny.py')
 
 def check_argv(argv):

@@ -13,6 +13,7 @@ data it reads the vocabulary from must all belong to the config it is given.
 from __future__ import annotations
 
 import dataclasses
+import importlib
 import json
 
 from mars_jax import fs
@@ -88,8 +89,8 @@ class Plan:
 
 
 def _complete(stage, config, workdir):
-  from mars_jax import main
-  return main.load_stage(stage).is_complete(config, workdir)
+  from mars_jax import stages   # not mars_jax.main: it may be running as __main__
+  return importlib.import_module(stages.MODULES[stage]).is_complete(config, workdir)
 
 
 def check_run(config, workdir, stages, force=False, num_devices=None, num_processes=1) -> Plan:

@@ -20,6 +20,14 @@ def test_bad_override_exits_2_naming_the_field(tmp_path):
   assert not (tmp_path / 'data').exists()  # nothing ran
 
 
+def test_the_workdir_checks_run_under_python_m(tmp_path):
+  """`python -m mars_jax.main` runs main.py as __main__; checking a training stage against the
+  workdir must not import mars_jax.main a second time (its flags would be defined twice)."""
+  r = _cli(f'--workdir={tmp_path}', '--stages=tokenizer')
+  assert 'DuplicateFlagError' not in r.stderr
+  assert r.returncode == 2 and 'add prepare to --stages' in r.stderr, r.stderr[-2000:]
+
+
 def test_unknown_stage_is_rejected(tmp_path):
   r = _cli(f'--workdir={tmp_path}', '--stages=prepare,train')
   assert r.returncode == 2 and "unknown ['train']" in r.stderr
