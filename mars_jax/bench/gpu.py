@@ -87,10 +87,13 @@ def var_task(config, shapes, rows):
   from flax.linen import meta
   from mars_jax.stages import autoregressor as ar_stage
   from mars_jax.stages import tokenizer as tok_stage
+  from mars_jax.train import partitioning
 
   tok_task, tok_model = tok_stage.make_task(config, shapes)
   image = np.zeros((rows,) + tuple(shapes.image), np.float32)
   tok_params = meta.unbox(jax.jit(tok_task.init)(jax.random.PRNGKey(1), {'image': image}))
+  # Frozen params ride along as jit arguments: replicated over the mesh the step runs on.
+  tok_params = jax.device_put(tok_params, partitioning.replicated(partitioning.make_mesh(config)))
   n_inst = len(sampling_bench.instrument_names(config))
   task, model = ar_stage.make_task(config, shapes, n_inst, tok_model, tok_params)
   local = {'image': image, 'pitch': np.zeros((rows,), np.int32),
@@ -204,9 +207,10 @@ def main(argv):
   p.add_argument('--config', default='base', help='configs/NAME.py (default base; tiny with --smoke)')
   p.add_argument('--smoke', action='store_true',
                  help='tiny shapes and batches (CPU-sized): checks the code path, measures nothing')
-  p.add_argument('--tok-batch', type=int, default=0, help='tokenizer global batch (0: 32; smoke 2)')
+  p.add_argument('--tok-batch', type=int, default=0,
+                 help='tokenizer global batch (0: 32; smoke: max(2, devices))')
   p.add_argument('--var-batch', default='', help='VAR global batches, e.g. 64,128 (default 64; '
-                 'smoke 2)')
+                 'smoke: max(2, devices))')
   p.add_argument('--profile', default='', help='trace 3 steps of each train step into DIR/NAME')
   p.add_argument('--batches', default='', help='sampling batches (default 1,8,64; smoke 1,2)')
   p.add_argument('--steps', type=int, default=0, help='timed train steps (default 10; smoke 2)')
@@ -230,8 +234,9 @@ def main(argv):
                         else 'no known peak for this device: MFU n/a'},
             'config': args.config if not smoke else 'tiny (smoke)', 'smoke': smoke}
   parts = set(args.parts.split(','))
-  tok_batch = args.tok_batch or (2 if smoke else 32)
-  var_batches = [int(b) for b in (args.var_batch or ('2' if smoke else '64')).split(',')]
+  small = max(2, jax.device_count())   # smoke: the smallest batch every device gets rows of
+  tok_batch = args.tok_batch or (small if smoke else 32)
+  var_batches = [int(b) for b in (args.var_batch or (str(small) if smoke else '64')).split(',')]
   prof = lambda name: f'{args.profile}/{name}' if args.profile else ''
   steps = args.steps or (2 if smoke else 10)
   batches = [int(b) for b in (args.batches or ('1,2' if smoke else '1,8,64')).split(',')]
