@@ -16,7 +16,7 @@ from mars_jax import defaults
 from mars_jax.config import ConfigError
 from mars_jax.train import checkpoint as ckpt
 from mars_jax.train import engine
-from mars_jax.train import logging as tlog
+from mars_jax.train import metrics_log as tlog
 from mars_jax.train.partitioning import make_mesh
 
 B = 8          # global batch

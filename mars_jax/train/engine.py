@@ -39,7 +39,7 @@ from absl import logging
 
 from mars_jax.config import ConfigError, validate_batch
 from mars_jax.train import checkpoint as ckpt
-from mars_jax.train import logging as tlog
+from mars_jax.train import metrics_log as tlog
 from mars_jax.train.partitioning import (abstract_batch, logical_rules, make_mesh, put_batch,
                                          replicated, shardings_of, unbox)
 

@@ -149,7 +149,7 @@ def _refit(config, shape, devices) -> tuple:
   key = (shape, new_shape, where)
   if key not in _said:
     _said.add(key)
-    from mars_jax.train import logging as tlog
+    from mars_jax.train import metrics_log as tlog
     tlog.say('mesh: fsdp=%d does not fit the %s slice (valid: %s); using fsdp=%d, data=%d. '
              'Set --config.mesh.fsdp=%d to choose it yourself.', fsdp, where,
              ', '.join(map(str, fits)), new, new_shape[0], new)
