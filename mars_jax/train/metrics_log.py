@@ -1,8 +1,7 @@
 """Process-0 metric sinks: metrics.jsonl (the contract), TensorBoard scalars, one progress line.
 
-TensorBoard events are written by a ~40-line writer below (TFRecord framing + hand-encoded
-`Event`/`Summary` protos, scalars only) so no TensorFlow, tensorboard or torch is needed; the
-files open in any TensorBoard. metrics.jsonl stays the source of truth other tools read.
+TensorBoard events are written with tensorboardX (TFRecord framing and the Event protos, no
+TensorFlow or torch needed); metrics.jsonl stays the source of truth other tools read.
 """
 from __future__ import annotations
 
@@ -10,97 +9,71 @@ import json
 import math
 import os
 import socket
-import struct
 import time
+
+from tensorboardX import record_writer
+from tensorboardX import summary as tb_summary
+from tensorboardX.proto import event_pb2, summary_pb2
 
 from mars_jax import fs
 
 
-# --- TensorBoard scalar events without dependencies --------------------------------------------
+# --- TensorBoard scalar events -----------------------------------------------------------------
 
 
-def _crc32c_table():
-  table = []
-  for i in range(256):
-    c = i
-    for _ in range(8):
-      c = (c >> 1) ^ 0x82F63B78 if c & 1 else c >> 1
-    table.append(c)
-  return table
+class _ObjectStoreFiles:
+  """tensorboardX's opener for gs:// and s3:// event files: through fs.AppendLog, which re-uploads
+  the whole object (a bucket has no append) at most every 30 s, and on demand at checkpoints.
+  tensorboardX's own openers would need google-cloud-storage or boto3; this one uses what the
+  rest of the workdir uses (epath)."""
+
+  def __init__(self):
+    self.open_logs = {}
+
+  def open(self, path):
+    log = self.open_logs[path] = fs.AppendLog(path, binary=True)
+    return log
+
+  def directory_check(self, path):
+    del path          # object stores have no folders to create
 
 
-_CRC_TABLE = _crc32c_table()
-
-
-def crc32c(data: bytes) -> int:
-  c = 0xFFFFFFFF
-  for b in data:
-    c = _CRC_TABLE[(c ^ b) & 0xFF] ^ (c >> 8)
-  return c ^ 0xFFFFFFFF
-
-
-def _masked_crc(data: bytes) -> int:
-  c = crc32c(data)
-  return (((c >> 15) | (c << 17)) + 0xA282EAD8) & 0xFFFFFFFF
-
-
-def _varint(n: int) -> bytes:
-  n &= (1 << 64) - 1
-  out = bytearray()
-  while True:
-    b = n & 0x7F
-    n >>= 7
-    if n:
-      out.append(b | 0x80)
-    else:
-      out.append(b)
-      return bytes(out)
-
-
-def _field_bytes(num: int, payload: bytes) -> bytes:     # wire type 2 (length-delimited)
-  return _varint(num << 3 | 2) + _varint(len(payload)) + payload
-
-
-def _event(wall_time: float, step: int, *, file_version=None, scalars=None) -> bytes:
-  """Serialises tensorflow.Event{wall_time=1, step=2, file_version=3, summary=5}."""
-  msg = _varint(1 << 3 | 1) + struct.pack('<d', wall_time) + _varint(2 << 3) + _varint(step)
-  if file_version is not None:
-    msg += _field_bytes(3, file_version.encode())
-  if scalars:
-    summary = b''
-    for tag, value in scalars.items():    # Summary.Value{tag=1, simple_value=2 (float)}
-      v = _field_bytes(1, tag.encode()) + _varint(2 << 3 | 5) + struct.pack('<f', value)
-      summary += _field_bytes(1, v)
-    msg += _field_bytes(5, summary)
-  return msg
+_OBJECT_STORE = _ObjectStoreFiles()
+for _scheme in fs.REMOTE_SCHEMES:
+  record_writer.register_writer_factory(_scheme.split(':')[0], _OBJECT_STORE)
 
 
 class TensorBoardWriter:
-  """Appends scalar summaries to an events.out.tfevents.* file (TFRecord framed)."""
+  """Appends scalar summaries to one events.out.tfevents.* file in `logdir` (local or remote)."""
 
   def __init__(self, logdir: str):
     fs.makedirs(logdir)
     name = f'events.out.tfevents.{int(time.time())}.{socket.gethostname()}.{os.getpid()}'
     self.path = fs.join(logdir, name)
-    self._f = fs.AppendLog(self.path, binary=True)
-    self._record(_event(time.time(), 0, file_version='brain.Event:2'))
+    self._records = record_writer.RecordWriter(self.path)
+    self._write(event_pb2.Event(wall_time=time.time(), step=0, file_version='brain.Event:2'))
 
-  def _record(self, data: bytes):
-    header = struct.pack('<Q', len(data))
-    self._f.write(header + struct.pack('<I', _masked_crc(header)) + data +
-                  struct.pack('<I', _masked_crc(data)))
+  def _write(self, event):
+    self._records.write(event.SerializeToString())
 
   def scalars(self, step: int, values: dict):
-    values = {k: float(v) for k, v in values.items() if _is_number(v)}
-    if values:
-      self._record(_event(time.time(), int(step), scalars=values))
-      self._f.flush()
+    """One event per step holding every numeric value (strings such as 'nan' are skipped)."""
+    found = [v for tag, value in values.items() if _is_number(value)
+             for v in tb_summary.scalar(tag, float(value)).value]
+    if found:
+      summary = summary_pb2.Summary(value=found)
+      self._write(event_pb2.Event(wall_time=time.time(), step=int(step), summary=summary))
+      self._records.flush()     # remote: uploaded at most every 30 s
 
   def flush(self):
-    self._f.flush(force=True)
+    """Makes the file durable: locally flushed, remotely uploaded now."""
+    self._records.flush()
+    if self.path in _OBJECT_STORE.open_logs:
+      _OBJECT_STORE.open_logs[self.path].flush(force=True)
 
   def close(self):
-    self._f.close()
+    self._records.close()
+    _OBJECT_STORE.open_logs.pop(self.path, None)
 
 
 # --- metrics.jsonl + progress ------------------------------------------------------------------
