@@ -88,7 +88,7 @@ def test_report_parses_and_is_self_contained(tmp_path):
   p.feed(page)
   p.close()
   assert p.tags.get('audio') == 2 * cells and p.tags.get('img') == 2 * cells   # one each a note
-  assert p.tags.get('svg') == 3 and p.tags.get('polyline', 0) >= 3
+  assert p.tags.get('svg') == 3 and p.tags.get('path', 0) >= 3      # one matplotlib plot a stage
   assert p.tags.get('script', 0) == 0
   assert all(s.startswith(('data:image/png;base64,', 'data:audio/wav;base64,')) for s in p.srcs)
   assert not re.search(r'(src|href)="(https?:|file:|/)', page)
@@ -96,6 +96,17 @@ def test_report_parses_and_is_self_contained(tmp_path):
   assert row and row.groups() == ('2.0000', '3.0000')  # generated next to its real ceiling
   assert 'extra_metric' in page  # metrics without a label are still shown
   assert 'n/a' in page  # NaN shown as undefined, not as "nan"
+
+
+def test_training_curves_are_matplotlib_plots_with_a_step_axis_and_a_legend():
+  losses = {'loss': [(10, 5.0), (20, 1.0), (30, 0.1)], 'eval/loss': [(30, 0.2)]}
+  svg = report.svg_curve(losses)
+  assert svg.startswith('<svg') and svg.rstrip().endswith('</svg>')
+  assert '>step<' in svg and '>loss<' in svg and '>eval/loss<' in svg   # text kept as text
+  assert 'matplotlib' in svg.lower()
+  flat = report.svg_curve({'acc': [(1, 0.5), (2, 0.6)]})
+  assert '>0.50<' in flat or '>0.5<' in flat             # linear ticks read as numbers
+  assert report.svg_curve({}) == '' and report.svg_curve({'loss': []}) == ''
 
 
 def _table(page, cls):

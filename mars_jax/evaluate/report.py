@@ -1,12 +1,13 @@
 """DIR/report.html: one self-contained listening report (no JS, no network, no side files).
 
 Audio and images are embedded as base64 data: URIs so the page still works when copied
-anywhere (mailed, attached to an issue). Training curves are inline SVG polylines.
+anywhere (mailed, attached to an issue). Training curves are inline SVG drawn by matplotlib.
 """
 from __future__ import annotations
 
 import base64
 import html
+import io
 import json
 import math
 import os
@@ -152,51 +153,35 @@ def load_curves(workdir):
 
 
 PITCH_CURVES = ('recon_pitch_within_semitone', 'gl_pitch_within_semitone')
-_COLOURS = ('#1f77b4', '#d62728', '#2ca02c', '#9467bd')
 
 
-def svg_curve(series, width=420, height=220):
-  """Inline SVG: each series a polyline of value vs step; log y when all positive and the
-  range spans more than 20x (losses usually do)."""
-  pts = [v for s in series.values() for v in s]
-  if not pts:
+def svg_curve(series, size=(4.2, 2.2)):
+  """Inline SVG drawn by matplotlib: each series value vs step; log y when all values are positive
+  and span more than 20x (losses usually do). Text stays text (svg.fonttype 'none')."""
+  if not any(series.values()):
     return ''
-  xs = np.array([p[0] for p in pts])
-  ys = np.array([p[1] for p in pts])
-  log = bool(np.all(ys > 0) and ys.max() / ys.min() > 20)
-  f = np.log10 if log else (lambda a: np.asarray(a, np.float64))
-  x0, x1 = xs.min(), max(xs.max(), xs.min() + 1)
-  y0, y1 = float(f(ys).min()), float(f(ys).max())
-  if y1 - y0 < 1e-12:
-    y0, y1 = y0 - 0.5, y1 + 0.5
-  l, r, t, b = 52, 10, 10, 28
-  sx = lambda x: l + (x - x0) / (x1 - x0) * (width - l - r)
-  sy = lambda y: t + (1 - (y - y0) / (y1 - y0)) * (height - t - b)
-  parts = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" '
-           f'viewBox="0 0 {width} {height}" role="img">',
-           f'<rect x="{l}" y="{t}" width="{width - l - r}" height="{height - t - b}" '
-           f'fill="none" stroke="#999"/>']
-  lab = (lambda y: f'{10 ** y:.3g}') if log else (lambda y: f'{y:.3g}')
-  for y in (y0, y1):
-    parts.append(f'<text x="{l - 4}" y="{sy(y) + 4:.1f}" font-size="10" text-anchor="end">'
-                 f'{lab(y)}</text>')
-  for x in (x0, x1):
-    parts.append(f'<text x="{sx(x):.1f}" y="{height - 12}" font-size="10" text-anchor="middle">'
-                 f'{x:.0f}</text>')
-  parts.append(f'<text x="{(l + width - r) / 2:.0f}" y="{height - 1}" font-size="10" '
-               f'text-anchor="middle">step{" (log y)" if log else ""}</text>')
-  for k, (name, s) in enumerate(series.items()):
-    c = _COLOURS[k % len(_COLOURS)]
-    poly = ' '.join(f'{sx(x):.1f},{sy(float(f(y))):.1f}' for x, y in s)
-    if len(s) == 1:
-      x, y = s[0]
-      parts.append(f'<circle cx="{sx(x):.1f}" cy="{sy(float(f(y))):.1f}" r="2.5" fill="{c}"/>')
-    else:
-      parts.append(f'<polyline fill="none" stroke="{c}" stroke-width="1.5" points="{poly}"/>')
-    parts.append(f'<text x="{width - r - 4}" y="{t + 12 + 12 * k}" font-size="10" '
-                 f'text-anchor="end" fill="{c}">{html.escape(name)}</text>')
-  parts.append('</svg>')
-  return ''.join(parts)
+  import matplotlib
+  from matplotlib.backends.backend_svg import FigureCanvasSVG
+  from matplotlib.figure import Figure
+  fig = Figure(figsize=size, layout='constrained')   # no pyplot: no global state, no leaks
+  FigureCanvasSVG(fig)
+  ax = fig.add_subplot()
+  for name, s in series.items():
+    steps, values = zip(*s)
+    ax.plot(steps, values, linewidth=1.2, marker='o' if len(s) == 1 else None, markersize=3,
+            label=name)
+  ys = [v for s in series.values() for _, v in s]
+  if min(ys) > 0 and max(ys) / min(ys) > 20:
+    ax.set_yscale('log')
+  ax.set_xlabel('step', fontsize=8)
+  ax.tick_params(labelsize=7)
+  ax.grid(alpha=0.3, linewidth=0.5)
+  ax.legend(fontsize=7, frameon=False)
+  buf = io.StringIO()
+  with matplotlib.rc_context({'svg.fonttype': 'none'}):
+    fig.savefig(buf, format='svg')
+  text = buf.getvalue()
+  return text[text.index('<svg'):]                   # no XML prolog inside HTML
 
 
 # --- page --------------------------------------------------------------------------------------
