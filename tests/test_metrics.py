@@ -131,6 +131,17 @@ def test_kmeans_recovers_separated_clusters():
   assert len(set(lab[:200])) == 1 and len(set(lab)) == 3
 
 
+def test_ndb_bins_are_deterministic_for_a_seed_and_k_is_checked():
+  """scikit-learn's KMeans with a fixed random_state: the same bins, so the same NDB, every run."""
+  ref, smp = _mixture(600, 0), _mixture(300, 1)
+  a, b = M.ndb(ref, smp, k=10, seed=4), M.ndb(ref, smp, k=10, seed=4)
+  assert a['js'] == b['js'] and a['ndb'] == b['ndb']
+  np.testing.assert_array_equal(a['ref_props'], b['ref_props'])
+  assert a['ref_props'].min() > 0                    # every bin holds reference points
+  with pytest.raises(ValueError, match='k <= N'):      # the evaluate stage reports NaN on this
+    M.ndb(ref[:5], smp, k=10)
+
+
 def test_ndb_fresh_samples_near_alpha():
   ref = _mixture(3000, 0)
   res = [M.ndb(ref, _mixture(3000, s), k=10, alpha=0.05, seed=0) for s in (1, 2, 3)]

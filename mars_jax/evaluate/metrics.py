@@ -2,7 +2,7 @@
 
 Pure functions over numpy arrays. Costs are linear in the number of samples
 except where stated: KID works on fixed-size random subsets (cost
-subsets * subset_size^2, independent of N), NDB's k-means is
+subsets * subset_size^2, independent of N), NDB's k-means (scikit-learn) is
 O(N * k * D * iters), and nearest_neighbours is O(N * M * D) by nature (every
 query against every bank item), computed in bounded-memory chunks.
 """
@@ -116,54 +116,15 @@ def frechet_distance(x, y, eps: float = 1e-6) -> float:
 # --- NDB -------------------------------------------------------------------
 
 
-def _assign(x, centroids, chunk=4096):
-  """Nearest centroid index and squared distance per row, chunked over rows."""
-  idx = np.empty(len(x), np.int64)
-  dist = np.empty(len(x))
-  for i in range(0, len(x), chunk):
-    d = _sq_dists(x[i:i + chunk], centroids)
-    idx[i:i + chunk] = d.argmin(1)
-    dist[i:i + chunk] = d[np.arange(len(d)), idx[i:i + chunk]]
-  return idx, dist
-
-
-def kmeans(x, k: int, seed: int = 0, iters: int = 100, tol: float = 1e-6):
-  """Lloyd's k-means with k-means++ init (seeded); returns (centroids, labels).
-
-  Empty clusters are re-seeded at the point farthest from its centroid.
-  Cost O(N * k * D) per iteration.
-  """
+def kmeans(x, k: int, seed: int = 0):
+  """scikit-learn's k-means (k-means++ init, one seeded run); returns (centroids, labels), the
+  labels those of the final centroids."""
+  from sklearn.cluster import KMeans
   x = _as2d(x, 'x')
-  n = len(x)
-  if not 1 <= k <= n:
-    raise ValueError(f'need 1 <= k <= N, got k={k}, N={n}')
-  rng = np.random.default_rng(seed)
-  cent = np.empty((k, x.shape[1]))
-  cent[0] = x[rng.integers(n)]
-  d2 = _sq_dists(x, cent[:1])[:, 0]
-  for j in range(1, k):
-    tot = d2.sum()
-    i = rng.choice(n, p=d2 / tot) if tot > 0 else rng.integers(n)
-    cent[j] = x[i]
-    d2 = np.minimum(d2, _sq_dists(x, cent[j:j + 1])[:, 0])
-  prev = np.inf
-  for _ in range(iters):
-    lab, dist = _assign(x, cent)
-    counts = np.bincount(lab, minlength=k)
-    sums = np.zeros_like(cent)
-    np.add.at(sums, lab, x)
-    nz = counts > 0
-    cent[nz] = sums[nz] / counts[nz, None]
-    for j in np.flatnonzero(~nz):
-      far = int(dist.argmax())
-      cent[j] = x[far]
-      dist[far] = 0.0
-    inertia = dist.sum()
-    if prev - inertia <= tol * max(prev, 1e-300) and nz.all():
-      break
-    prev = inertia
-  lab, _ = _assign(x, cent)
-  return cent, lab
+  if not 1 <= k <= len(x):
+    raise ValueError(f'need 1 <= k <= N, got k={k}, N={len(x)}')
+  fit = KMeans(n_clusters=k, n_init=1, random_state=seed).fit(x)
+  return fit.cluster_centers_, fit.labels_
 
 
 def _js_divergence(p, q):
@@ -196,12 +157,13 @@ def ndb(reference, samples, k: int = 50, alpha: float = 0.05, seed: int = 0,
   ndb_bins(reference, k, seed, whiten), skips refitting the k-means (k/seed/whiten then
   come from it).
   """
+  from sklearn.metrics import pairwise_distances_argmin   # ~1 s to import: only when used
   ref, smp = _as2d(reference, 'reference'), _as2d(samples, 'samples')
   if ref.shape[1] != smp.shape[1]:
     raise ValueError(f'feature dims differ: {ref.shape} vs {smp.shape}')
   bins = bins or ndb_bins(ref, k, seed=seed, whiten=whiten)
   k, cent, ref_lab = bins['k'], bins['centroids'], bins['ref_labels']
-  smp_lab, _ = _assign((smp - bins['mu']) / bins['sd'], cent)
+  smp_lab = pairwise_distances_argmin((smp - bins['mu']) / bins['sd'], cent)   # nearest centroid
   n1, n2 = len(ref), len(smp)
   p1 = np.bincount(ref_lab, minlength=k) / n1
   p2 = np.bincount(smp_lab, minlength=k) / n2
