@@ -14,8 +14,7 @@ import pathlib  # noqa: E402
 
 import pytest  # noqa: E402
 
-ROOT = pathlib.Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / 'tests'))   # helper modules: fake_gcs, multihost_driver
+from tests.helpers import load_config, small_tiny_config  # noqa: E402
 
 
 def pytest_configure(config):
@@ -25,40 +24,9 @@ def pytest_configure(config):
       'markers', 'slow: tests of a minute or more (deselect: -m "not slow"; CI runs them)')
 
 
-def load_config(name='tiny'):
-  """Loads configs/<name>.py the way the CLI does."""
-  import importlib.util
-  spec = importlib.util.spec_from_file_location(f'cfg_{name}', ROOT / 'configs' / f'{name}.py')
-  mod = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(mod)
-  return mod.get_config()
-
-
 @pytest.fixture
 def tiny_config():
   return load_config('tiny')
-
-
-def small_tiny_config(**overrides):
-  """The tiny config cut down for tests: fewer notes, few steps, frequent evals."""
-  c = load_config('tiny')
-  c.data.synthetic.per_pitch_family = 2
-  c.data.prepare_workers = 1
-  for stage in ('tokenizer', 'autoregressor'):
-    t = c[stage].train
-    t.steps, t.batch_size, t.log_every, t.eval_every, t.checkpoint_every = 30, 16, 5, 10, 10
-    t.warmup_steps = 3
-  c.autoregressor.train.lr = 3e-3
-  c.tokenizer.channels, c.tokenizer.groups = 16, 4
-  c.autoregressor.depth, c.autoregressor.width, c.autoregressor.heads = 2, 64, 2
-  c.sample.num, c.sample.batch_size = 8, 8
-  for k, v in overrides.items():
-    section, *rest = k.split('__')
-    node = c[section]
-    for r in rest[:-1]:
-      node = node[r]
-    node[rest[-1]] = v
-  return c
 
 
 @pytest.fixture(scope='session')
@@ -71,8 +39,8 @@ def trained_workdir(tmp_path_factory):
   fail, so the stage tests reading it also check the remote-workdir path. They get the local
   folder behind the bucket. Returns (local workdir, config).
   """
-  import fake_gcs
   from mars_jax import main
+  from tests import fake_gcs
   root = tmp_path_factory.mktemp('bucket_root')
   config = small_tiny_config()
   with pytest.MonkeyPatch.context() as mp:

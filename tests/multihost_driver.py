@@ -1,7 +1,7 @@
 """One process of the multi-process test: join, train the tiny tokenizer then the autoregressor a
 few steps each, dump results.
 
-  python tests/multihost_driver.py --workdir=W --run=NAME [--coordinator=H:P --num_processes=N
+  python -m tests.multihost_driver --workdir=W --run=NAME [--coordinator=H:P --num_processes=N
       --process_id=I] [--die_process=I --die_at_batch=K --die_after_ckpt=S]
 
 Trains through the real stage Tasks and the one engine (no CLI), so the test exercises the same
@@ -18,7 +18,7 @@ import signal
 import sys
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from tests.helpers import load_config
 
 STEPS, BATCH, CKPT_EVERY = 4, 8, 2
 AR_STEPS = 3
@@ -27,12 +27,7 @@ AR_STEPS = 3
 def tiny_config(steps=STEPS):
   """configs/tiny.py shrunk for a test: 96 notes, 8-wide tokenizer, batch 8, checkpoints every 2;
   a 1-block, 32-wide VAR trained AR_STEPS steps (one checkpoint, at the end)."""
-  import importlib.util
-  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-  spec = importlib.util.spec_from_file_location('cfg_tiny', os.path.join(root, 'configs', 'tiny.py'))
-  mod = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(mod)
-  c = mod.get_config()
+  c = load_config('tiny')
   c.data.synthetic.per_pitch_family = 1
   c.data.prepare_workers = 1
   c.data.loader_workers = 0

@@ -6,7 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from conftest import load_config
+from tests.helpers import load_config
 from mars_jax import config as config_lib
 from mars_jax.bench import gpu
 from mars_jax.models import autoregressor as ar

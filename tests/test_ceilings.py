@@ -10,7 +10,7 @@ from mars_jax.data import synthetic
 from mars_jax.evaluate import ceilings
 from mars_jax.evaluate import metrics as M
 
-from tests.conftest import load_config
+from tests.helpers import load_config
 
 PITCHES = (50, 55, 60, 64, 67, 71)   # inside the tiny config's range
 

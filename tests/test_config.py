@@ -2,7 +2,7 @@
 import pytest
 
 from mars_jax import config as config_lib
-from tests.conftest import load_config
+from tests.helpers import load_config
 
 
 @pytest.mark.parametrize('name,image,latent,tokens', [

@@ -17,7 +17,7 @@ from mars_jax.data import audio_io, prepare, sources
 from mars_jax.evaluate import classifiers
 from mars_jax.stages import evaluate, tokenizer
 
-from tests.conftest import load_config
+from tests.helpers import load_config
 
 KEYS = ('pis', 'iis', 'pkid', 'ikid', 'ndb_k', 'ndb_js', 'fad_clf_pitch', 'fad_clf_instrument',
         'pitch_exact', 'pitch_within_semitone', 'pitch_detected', 'clf_pitch_match',

@@ -9,7 +9,7 @@ import pathlib
 import numpy as np
 import pytest
 
-import fake_gcs
+from tests import fake_gcs
 from mars_jax import fs
 
 

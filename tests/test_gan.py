@@ -14,7 +14,7 @@ from mars_jax import config as config_lib
 from mars_jax.models.tokenizer import hinge_d_loss, hinge_g_loss, tokenizer_loss
 from mars_jax.stages import tokenizer as tok_stage
 from mars_jax.train.partitioning import unbox
-from tests.conftest import small_tiny_config
+from tests.helpers import small_tiny_config
 
 BATCH = 4
 GAN_START = 5

@@ -22,7 +22,7 @@ import json, math, sys
 import flax.linen as nn
 import jax, jax.numpy as jnp
 sys.path.insert(0, sys.argv[1])
-from tests.conftest import load_config
+from tests.helpers import load_config
 from mars_jax import config as config_lib
 from mars_jax.stages import tokenizer
 from mars_jax.train import engine, partitioning

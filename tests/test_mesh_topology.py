@@ -15,7 +15,7 @@ import re
 import jax
 import pytest
 
-from conftest import load_config
+from tests.helpers import load_config
 from mars_jax.config import ConfigError, mesh_shape
 from mars_jax.train import partitioning
 

@@ -25,7 +25,7 @@ import pytest
 pytestmark = pytest.mark.multihost
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-DRIVER = os.path.join(ROOT, 'tests', 'multihost_driver.py')
+DRIVER = 'tests.multihost_driver'     # run as a module from ROOT
 HEARTBEAT_S = 10      # a dead peer fails the survivor after this (jax's default is 100 s)
 RUN_TIMEOUT = 900     # per run; generous because the 2-core CI machine may be shared
 SURVIVOR_TIMEOUT = 120
@@ -51,7 +51,7 @@ def _launch(workdir, run, n, extra=()):
   port = _free_port()
   procs = []
   for i in range(n):
-    args = [sys.executable, DRIVER, f'--workdir={workdir}', f'--run={run}',
+    args = [sys.executable, '-m', DRIVER, f'--workdir={workdir}', f'--run={run}',
             f'--cache={os.path.join(workdir, "xla_cache")}', *extra]
     if n > 1:
       args += [f'--coordinator=127.0.0.1:{port}', f'--num_processes={n}', f'--process_id={i}']
@@ -99,9 +99,8 @@ def _assert_params_close(a, b):
 @pytest.fixture(scope='module')
 def workdir(tmp_path_factory):
   """The tiny synthetic data set, prepared once (per_pitch_family=1: 96 training notes)."""
-  sys.path.insert(0, os.path.join(ROOT, 'tests'))
-  import multihost_driver
   from mars_jax.data import prepare
+  from tests import multihost_driver
   d = str(tmp_path_factory.mktemp('multihost'))
   prepare.run(multihost_driver.tiny_config(), d, log=lambda m: None)
   return d

@@ -12,7 +12,7 @@ import pytest
 from mars_jax import config as config_lib
 from mars_jax.audio import cmx
 from mars_jax.data import pipeline, records
-from tests.conftest import load_config
+from tests.helpers import load_config
 
 N = 20            # examples in the train split
 SHARDS = (12, 8)  # two shards of unequal size

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import soundfile as sf
 
-from tests.conftest import load_config
+from tests.helpers import load_config
 from mars_jax.audio.spectrogram import spectrogram
 from mars_jax.data import prepare, records
 
@@ -80,7 +80,7 @@ def test_prepare_nsynth_layout(tmp_path, monkeypatch, where):
   c = load_config('tiny')   # 8 kHz: the 16 kHz files are resampled
   c.data.source = 'nsynth'
   if where == 'bucket':     # NSynth copied to a bucket, read from there (the GCS stand-in)
-    import fake_gcs
+    from tests import fake_gcs
     fake_gcs.use(tmp_path, monkeypatch)
     waves = _write_nsynth(tmp_path / 'corpus' / 'nsynth')
     c.data.path = 'gs://corpus/nsynth'

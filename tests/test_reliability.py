@@ -9,7 +9,7 @@ import shutil
 import numpy as np
 import pytest
 
-from conftest import small_tiny_config
+from tests.helpers import small_tiny_config
 from mars_jax import config as config_lib
 from mars_jax import main
 
@@ -51,7 +51,7 @@ def _quiet(*a, **k):
 
 def _folder_config(tmp_path, rows):
   """The tiny config on a folder source at tmp_path/corpus whose labels.csv holds `rows`."""
-  from conftest import load_config
+  from tests.helpers import load_config
   root = tmp_path / 'corpus'
   root.mkdir()
   (root / 'labels.csv').write_text('file,pitch,instrument,split\n' + rows)
@@ -476,7 +476,7 @@ def test_the_lock_is_held_while_stages_run(tmp_path, monkeypatch):
 
 
 def test_bucket_lock_round_trip(tmp_path, monkeypatch):
-  import fake_gcs
+  from tests import fake_gcs
   from mars_jax import workdir
   fake_gcs.use(tmp_path, monkeypatch)
   a = workdir.Lock('gs://b/run', _quiet).acquire()
@@ -490,10 +490,9 @@ def test_bucket_lock_round_trip(tmp_path, monkeypatch):
 
 _PARENT = r'''
 import sys
-sys.path.insert(0, sys.argv[2])
-import conftest
 from mars_jax.data import prepare
-c = conftest.load_config('tiny')
+from tests.helpers import load_config
+c = load_config('tiny')
 c.data.synthetic.per_pitch_family = 40
 c.data.examples_per_shard = 64
 c.data.prepare_workers = 2
@@ -531,9 +530,9 @@ def test_prepare_workers_exit_when_the_parent_is_killed(tmp_path):
   import subprocess
   import sys
   import time
-  tests = os.path.dirname(__file__)
-  parent = subprocess.Popen([sys.executable, '-c', _PARENT, str(tmp_path / 'w'), tests],
-                            cwd=os.path.dirname(tests), stdout=subprocess.DEVNULL,
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  parent = subprocess.Popen([sys.executable, '-c', _PARENT, str(tmp_path / 'w')],
+                            cwd=root, stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL)
   try:
     deadline = time.time() + 120

@@ -16,7 +16,7 @@ from ml_collections import config_flags
 from mars_jax import config as config_lib
 from mars_jax.train import engine
 from mars_jax.train.partitioning import unbox
-from tests.conftest import ROOT, load_config
+from tests.helpers import ROOT, load_config
 
 STAGES = ('tokenizer', 'autoregressor', 'classifier')
 

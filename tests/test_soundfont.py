@@ -7,7 +7,7 @@ import os
 import numpy as np
 import pytest
 
-from tests.conftest import load_config
+from tests.helpers import load_config
 from mars_jax import config as config_lib
 from mars_jax.config import ConfigError
 from mars_jax.data import audio_io, prepare, sources, soundfont

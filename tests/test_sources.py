@@ -186,7 +186,7 @@ def test_load_clip_rules(tmp_path):
 
 def test_load_clip_reads_a_bucket_like_a_folder(tmp_path, monkeypatch):
   """NSynth may sit in a bucket (data.path=gs://...): every rule gives the same wave or reason."""
-  import fake_gcs
+  from tests import fake_gcs
   fake_gcs.use(tmp_path / 'root', monkeypatch)
   local = tmp_path / 'root' / 'b'
   local.mkdir(parents=True)

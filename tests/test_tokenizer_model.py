@@ -6,7 +6,7 @@ import ml_collections as mlc
 import numpy as np
 import optax
 
-from tests.conftest import load_config
+from tests.helpers import load_config
 from mars_jax.config import derive
 from mars_jax.models import tokenizer as tk
 

@@ -4,7 +4,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from conftest import load_config
+from tests.helpers import load_config
 from mars_jax import config as config_lib
 from mars_jax.models import autoregressor as ar
 from mars_jax.models import layers
