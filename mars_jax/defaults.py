@@ -141,6 +141,7 @@ def get_config():
   c.tokenizer.dead_code_reseed = True
   c.tokenizer.l1_weight = 1.0
   c.tokenizer.l2_weight = 1.0
+  c.tokenizer.level_weight = 0.0     # > 0: errors on loud bins count more (models/tokenizer.py)
   c.tokenizer.vq_weight = 1.0
   c.tokenizer.gan_weight = 0.0       # 0 disables the hinge-GAN
   c.tokenizer.gan_start = 0

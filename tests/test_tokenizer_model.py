@@ -89,6 +89,24 @@ def test_tokenizer_loss_terms():
   assert float(m['usage_1']) == np.float32(0.2) and float(m['perplexity_1']) == 3.0
 
 
+def test_level_weighted_reconstruction_loss():
+  """level_weight a: each error counts 1 + a * (x + 1) / 2 (a weighted mean); 0 is the mean."""
+  x = jnp.array([-1.0, 1.0]).reshape(1, 1, 2, 1)       # the floor and a full-scale bin
+  recon = x + jnp.array([0.4, 0.2]).reshape(1, 1, 2, 1)
+  plain = mlc.ConfigDict(dict(l1_weight=1.0, l2_weight=1.0, level_weight=0.0))
+  rec, l1, l2 = tk.reconstruction_loss(recon, x, plain)
+  np.testing.assert_allclose([float(l1), float(l2)], [0.3, 0.1], rtol=1e-6)
+  weighted = mlc.ConfigDict(dict(l1_weight=1.0, l2_weight=2.0, level_weight=4.0))
+  rec, l1, l2 = tk.reconstruction_loss(recon, x, weighted)   # weights 1 and 5
+  np.testing.assert_allclose(float(l1), (0.4 + 5 * 0.2) / 6, rtol=1e-6)
+  np.testing.assert_allclose(float(l2), (0.16 + 5 * 0.04) / 6, rtol=1e-6)
+  np.testing.assert_allclose(float(rec), float(l1) + 2 * float(l2), rtol=1e-6)
+  # The same error costs more on the loud bin than on the floor.
+  on_floor = tk.reconstruction_loss(x.at[0, 0, 0, 0].add(0.3), x, weighted)[0]
+  on_peak = tk.reconstruction_loss(x.at[0, 0, 1, 0].add(-0.3), x, weighted)[0]
+  assert float(on_peak) > 4 * float(on_floor)
+
+
 def test_gan_pieces():
   np.testing.assert_allclose(
       float(tk.hinge_d_loss(jnp.array([2.0, 0.0]), jnp.array([-2.0, 0.5]))),

@@ -178,14 +178,31 @@ def reseed_codebook(params, usage_counts, candidates, rng, threshold: float = 0.
 
 # ------------------------------------------------------------------------------ losses
 
+def reconstruction_loss(recon, x, cfg):
+  """(l1_weight * L1 + l2_weight * L2, L1, L2) between images in the normalised log-magnitude
+  domain ([-1, 1], -1 = the noise floor), cfg is config.tokenizer.
+
+  With cfg.level_weight = a > 0 each value's error counts 1 + a * (x + 1) / 2 times (a weighted
+  mean): the loud bins, the harmonics that carry the pitch, weigh up to 1 + a times as much as the
+  floor, where an error is inaudible. a = 0 is the plain mean.
+  """
+  x = x.astype(jnp.float32)
+  err = recon.astype(jnp.float32) - x
+  a = float(cfg.get('level_weight', 0.0) or 0.0)
+  if a:
+    w = 1.0 + a * (x + 1.0) * 0.5
+    mean = lambda v: jnp.sum(w * v) / jnp.sum(w)
+  else:
+    mean = jnp.mean
+  l1, l2 = mean(jnp.abs(err)), mean(jnp.square(err))
+  return cfg.l1_weight * l1 + cfg.l2_weight * l2, l1, l2
+
+
 def tokenizer_loss(recon, x, aux, cfg):
   """Composite reconstruction loss; cfg is config.tokenizer. Returns (loss, metrics)."""
-  x = x.astype(jnp.float32)
-  recon = recon.astype(jnp.float32)
-  l1 = jnp.mean(jnp.abs(recon - x))
-  l2 = jnp.mean(jnp.square(recon - x))
+  rec, l1, l2 = reconstruction_loss(recon, x, cfg)
   vq = aux['vq_loss']
-  loss = cfg.l1_weight * l1 + cfg.l2_weight * l2 + cfg.vq_weight * vq
+  loss = rec + cfg.vq_weight * vq
   metrics = dict(loss=loss, l1=l1, l2=l2, vq_loss=vq)
   for k in range(aux['usage'].shape[0]):
     metrics[f'usage_{k}'] = aux['usage'][k]
