@@ -14,6 +14,12 @@ MODES = ('cmx', 'truncate', 'none')
 SOURCES = ('synthetic', 'nsynth', 'folder', 'soundfont')
 
 
+# Fields that change how fast a stage runs or how audio is decoded later, not what it writes:
+# left out of every fingerprint, so changing them reuses the work already done.
+NOT_CONTENT = ('data.prepare_workers', 'data.loader_workers', 'spectrogram.griffin_lim_iters',
+               'spectrogram.griffin_lim_momentum')
+
+
 class ConfigError(ValueError):
   """A config field is inconsistent; the message names the field and a fix."""
 
@@ -24,7 +30,6 @@ class Shapes:
   freq_bins: int        # spectrogram rows (Nyquist bin dropped)
   frames: int           # spectrogram columns (last frame dropped)
   image: tuple          # tokenizer input (H, W, C) after CMX / truncation
-  downsample: int       # encoder spatial reduction
   latent: tuple         # (h, w, d) encoder output = code map size
   scales: tuple         # token map sides, coarse to fine
   num_tokens: int       # sum of side**2 over scales
@@ -149,8 +154,8 @@ def derive(config) -> Shapes:
     raise ConfigError(f"autoregressor.attention={a.attention!r}: use 'einsum', 'xla', 'cudnn' or "
                       f"'auto'.")
 
-  return Shapes(n_samples=n, freq_bins=freq, frames=frames, image=image, downsample=down,
-                latent=latent, scales=scales, num_tokens=sum(p * p for p in scales),
+  return Shapes(n_samples=n, freq_bins=freq, frames=frames, image=image, latent=latent,
+                scales=scales, num_tokens=sum(p * p for p in scales),
                 num_pitches=hi - lo + 1, pitch_lo=lo)
 
 

@@ -3,7 +3,6 @@
   python -m mars_jax.main --config=configs/tiny.py --workdir=/tmp/mars \
       [--stages=prepare,tokenizer] [--config.tokenizer.train.steps=100]
 """
-import importlib
 import os
 import pathlib
 import sys
@@ -16,10 +15,10 @@ from ml_collections import config_flags
 
 from mars_jax import config as config_lib
 from mars_jax import fs
-from mars_jax import stages as stages_table
+from mars_jax import stages as stages_lib
+from mars_jax import workdir as workdir_lib
 
-# Each stage module has `run(config, workdir)` and `is_complete(config, workdir) -> bool`.
-STAGES, STAGE_MODULES = stages_table.STAGES, stages_table.MODULES
+STAGES = stages_lib.STAGES
 DEFAULT_CONFIG = str(pathlib.Path(__file__).resolve().parents[1] / 'configs' / 'tiny.py')
 
 def check_argv(argv):
@@ -107,21 +106,6 @@ _PROCESS_ID = flags.DEFINE_integer('process_id', None,
                                    'This process, 0..num_processes-1 (env MARS_PROCESS_ID).')
 
 
-class StageNotImplemented(RuntimeError):
-  pass
-
-
-def load_stage(name):
-  """Imports a stage module, telling a missing stage apart from a broken one."""
-  module = STAGE_MODULES[name]
-  try:
-    return importlib.import_module(module)
-  except ModuleNotFoundError as e:
-    if e.name and module.startswith(e.name):
-      raise StageNotImplemented(f'stage {name!r} is not implemented yet ({module} is missing).')
-    raise
-
-
 def parse_stages(stages):
   unknown = [s for s in stages if s not in STAGES]
   if unknown:
@@ -150,7 +134,6 @@ def run(config, workdir, stages=STAGES, force=False, out=print):
   """
   import jax
   from mars_jax import distributed
-  from mars_jax import workdir as workdir_lib
   shapes = config_lib.derive(config)
   stages = parse_stages(stages)
   main_process = distributed.is_main()
@@ -166,13 +149,14 @@ def run(config, workdir, stages=STAGES, force=False, out=print):
     _barrier('mars_jax/checked')          # every process has looked before anything changes
     if main_process:
       workdir_lib.apply(plan, out)
-      fs.write_text(fs.join(workdir, 'config.json'), config.to_json_best_effort(indent=2))
+      fs.write_text(fs.join(workdir, workdir_lib.CONFIG_JSON),
+                    config.to_json_best_effort(indent=2))
     accepted = True
     _barrier('mars_jax/accepted')
     out(f'mars_jax: workdir {workdir}; spectrogram {shapes.spectrogram} -> image {shapes.image} '
         f'-> latent {shapes.latent}; scales {shapes.scales} ({shapes.num_tokens} tokens)')
     for name in stages:
-      stage = load_stage(name)
+      stage = stages_lib.BY_NAME[name]
       if not force and stage.is_complete(config, workdir):
         out(f'[{name}] complete and matching the config: skipped (--force runs it anyway).')
         continue
@@ -196,7 +180,6 @@ def _lock(workdir, main_process, out):
   """Process 0 takes DIR/.lock for the whole job; every process learns whether it got it."""
   import jax
   import numpy as np
-  from mars_jax import workdir as workdir_lib
   lock, err = None, None
   if main_process:
     try:
@@ -212,11 +195,6 @@ def _lock(workdir, main_process, out):
   if err is not None:
     raise err
   return lock
-
-
-def pipeline_errors():
-  from mars_jax.data import pipeline
-  return pipeline.DataError
 
 
 def _compilation_cache(workdir):
@@ -243,16 +221,14 @@ def main(argv):
   except fs.WorkdirError as e:
     print(f'error: {e}', file=sys.stderr)
     sys.exit(2)
-  except StageNotImplemented as e:
-    print(f'error: {e}', file=sys.stderr)
-    sys.exit(3)
   except Exception as e:  # the engine's failures carry their own instructions
     from mars_jax.train import engine
     if isinstance(e, engine.Preempted):
       print(str(e), file=sys.stderr)
       sys.exit(143)  # 128 + SIGTERM: schedulers requeue, a rerun resumes
+    from mars_jax.data import pipeline
     from mars_jax.train import checkpoint
-    if isinstance(e, (engine.NonFiniteLoss, checkpoint.CheckpointError, pipeline_errors())):
+    if isinstance(e, (engine.NonFiniteLoss, checkpoint.CheckpointError, pipeline.DataError)):
       print(f'error: {e}', file=sys.stderr)
       sys.exit(1)
     raise

@@ -8,7 +8,6 @@
 from __future__ import annotations
 
 import functools
-import json
 import math
 
 import jax
@@ -18,24 +17,13 @@ import numpy as np
 
 from mars_jax import config as config_lib
 from mars_jax import fs
+from mars_jax import trained
+from mars_jax import workdir as workdir_lib
 from mars_jax.audio import cmx as cmx_lib
 from mars_jax.audio import griffin_lim
-from mars_jax.data import pipeline
 from mars_jax.models import sampling
 from mars_jax.models.tokenizer import Tokenizer
-from mars_jax.stages import autoregressor as ar_stage
-from mars_jax.stages import common
-from mars_jax.stages import tokenizer as tok_stage
 from mars_jax.train import partitioning
-
-
-def load_config(workdir):
-  """The config a workdir was made with (written by the CLI as config.json)."""
-  path = fs.join(workdir, 'config.json')
-  if not fs.exists(path):
-    raise FileNotFoundError(f'{path} is missing: is {workdir} a mars_jax workdir? '
-                            f'Pass config= explicitly otherwise.')
-  return ml_collections.ConfigDict(json.loads(fs.read_text(path)))
 
 
 def save_wav(path, wave, sample_rate):
@@ -45,7 +33,13 @@ def save_wav(path, wave, sample_rate):
 
 
 class Generator:
-  """A trained tokenizer + VAR, ready to turn (pitch, instrument) requests into audio."""
+  """A trained tokenizer + VAR, ready to turn (pitch, instrument) requests into audio.
+
+  Besides the methods, benchmarks and tests read the models and params (`tokenizer`,
+  `tokenizer_params`, `var`, `var_params`) and the two jitted programs: `spectrogram_fn`
+  (var_params, tokenizer_params, pitch ids, instrument ids, seeds, key, cfg, top_k, top_p) ->
+  (spectrograms, tokens), and `audio_fn` (spectrograms -> waveforms, Griffin-Lim).
+  """
 
   def __init__(self, config, manifest, tok_model, tok_params, var_model, var_params):
     self.config = config
@@ -53,22 +47,21 @@ class Generator:
     self.sample_rate = int(config.spectrogram.sample_rate)
     self.instruments = list(manifest['vocab'][config.data.instrument_label])
     self.pitches = list(range(self.shapes.pitch_lo, self.shapes.pitch_lo + self.shapes.num_pitches))
-    self._tok, self._var = tok_model, var_model
-    self._tok_params, self._var_params = tok_params, var_params
+    self.tokenizer, self.var = tok_model, var_model
+    self.tokenizer_params, self.var_params = tok_params, var_params
     # top_k / top_p are static: they choose the filter's shapes (models/sampling.filter_logits).
-    self._spec_fn = jax.jit(self._tokens_to_spectrogram, static_argnums=(7, 8))
-    self._audio_fn = jax.jit(functools.partial(griffin_lim.to_audio, spec_cfg=config.spectrogram))
+    self.spectrogram_fn = jax.jit(self._tokens_to_spectrogram, static_argnums=(7, 8))
+    self.audio_fn = jax.jit(functools.partial(griffin_lim.to_audio, spec_cfg=config.spectrogram))
 
   @classmethod
   def from_workdir(cls, workdir, config=None):
-    config = config or load_config(workdir)
-    from mars_jax import workdir as workdir_lib
+    config = config or workdir_lib.load_config(workdir)
     workdir_lib.check_generator(config, workdir)   # tokenizer, autoregressor, data: one config
-    manifest = pipeline.load_manifest(common.data_dir(workdir))
+    manifest = workdir_lib.load_manifest(workdir)
     mesh = partitioning.make_mesh(_one_device(config), jax.devices()[:1])
-    tok_params, tok_model = tok_stage.load_params(config, workdir, mesh)
-    n_inst = ar_stage.num_instruments(config, manifest)
-    var_params, var_model = ar_stage.load_params(config, workdir, mesh, n_inst)
+    tok_params, tok_model = trained.load_tokenizer(config, workdir, mesh)
+    n_inst = trained.num_instruments(config, manifest)
+    var_params, var_model = trained.load_autoregressor(config, workdir, mesh, n_inst)
     return cls(config, manifest, tok_model, tok_params, var_model, var_params)
 
   # -- the jitted part -------------------------------------------------------------------------
@@ -76,12 +69,12 @@ class Generator:
                              top_p):
     """(B,) requests -> normalised spectrograms (B, F, T) and token maps; one XLA program."""
     def next_input(k, f_hat, tokens_k):
-      return self._tok.apply({'params': tok_params}, k, f_hat, tokens_k,
+      return self.tokenizer.apply({'params': tok_params}, k, f_hat, tokens_k,
                              method=Tokenizer.next_input)
     tokens, f_hat = sampling.sample_tokens(
-        self._var, var_params, pitch, inst, seeds, key, next_input_fn=next_input,
+        self.var, var_params, pitch, inst, seeds, key, next_input_fn=next_input,
         latent_shape=self.shapes.latent, cfg=cfg, top_k=top_k, top_p=top_p)
-    image = self._tok.apply({'params': tok_params}, f_hat, method=Tokenizer.fhat_to_image)
+    image = self.tokenizer.apply({'params': tok_params}, f_hat, method=Tokenizer.fhat_to_image)
     spec = cmx_lib.from_image(image, self.config.cmx, self.shapes.freq_bins, self.shapes.frames)
     return jnp.clip(spec, -1.0, 1.0), tokens
 
@@ -126,7 +119,7 @@ class Generator:
     b, m = self.batch_size, len(p_ids)
     pad = b - m
     pad_to = lambda xs: np.asarray(list(xs) + [xs[-1]] * pad, np.int32)   # repeat the last
-    spec, _ = self._spec_fn(self._var_params, self._tok_params, jnp.asarray(pad_to(p_ids)),
+    spec, _ = self.spectrogram_fn(self.var_params, self.tokenizer_params, jnp.asarray(pad_to(p_ids)),
                             jnp.asarray(pad_to(i_ids)), jnp.asarray(pad_to(seeds)),
                             jax.random.PRNGKey(0), *args)
     return spec[:m]
@@ -160,7 +153,7 @@ class Generator:
       chunk = spec[a:z]
       if len(chunk) < b:
         chunk = np.concatenate([chunk, np.repeat(chunk[-1:], b - len(chunk), 0)])
-      out[a:z] = np.asarray(self._audio_fn(jnp.asarray(chunk)))[:z - a]
+      out[a:z] = np.asarray(self.audio_fn(jnp.asarray(chunk)))[:z - a]
     return out
 
   def generate(self, pitch=60, instrument=None, n=1, seed=0, cfg=None, top_k=None, top_p=None):

@@ -1,4 +1,11 @@
-"""What a workdir already holds, checked against a run before the run writes anything.
+"""The workdir: where each part of a run lives, which config made it, whether it is complete, and
+whether a new run may touch it.
+
+Layout (a contract other tools read; README "Workdir layout"): DIR/config.json, DIR/data/ (the
+prepared shards and manifest.json), DIR/tokenizer/ and DIR/autoregressor/ (checkpoints,
+metrics.jsonl), DIR/samples/ (wavs + samples.json), DIR/eval/ (metrics.json and the classifiers'
+folders), DIR/report.html. Each folder but data/ holds fingerprint.json: the fingerprint of the
+config sections that made it (`SECTIONS`) and whether it is complete.
 
 A workdir accumulates work of one config: data/ prepared for it, checkpoints trained on that data,
 samples of those checkpoints. A run with another config must not silently mix with it (data
@@ -13,37 +20,191 @@ data it reads the vocabulary from must all belong to the config it is given.
 from __future__ import annotations
 
 import dataclasses
-import importlib
 import json
 
+from mars_jax import config as config_lib
 from mars_jax import fs
 from mars_jax.config import ConfigError
+from mars_jax.data import prepare as data_prepare
+from mars_jax.data import records
+
+# --- layout -------------------------------------------------------------------------------------
+
+CONFIG_JSON = 'config.json'
+REPORT = 'report.html'
+SAMPLES_JSON = 'samples.json'
+METRICS_JSON = 'metrics.json'
+MARKER = 'fingerprint.json'
+CLASSIFIER_TARGETS = ('pitch', 'instrument')
+# The folder of each stage's output.
+FOLDERS = {'prepare': 'data', 'tokenizer': 'tokenizer', 'autoregressor': 'autoregressor',
+           'sample': 'samples', 'evaluate': 'eval'}
+# The config sections each part's fingerprint covers (`config.NOT_CONTENT` left out).
+_INPUT = ('seed', 'data', 'spectrogram', 'cmx')
+SECTIONS = {
+    'prepare': data_prepare.SECTIONS,
+    'tokenizer': _INPUT + ('tokenizer',),
+    'autoregressor': _INPUT + ('tokenizer', 'autoregressor'),
+    'sample': _INPUT + ('tokenizer', 'autoregressor', 'sample'),
+    'evaluate': _INPUT + ('tokenizer', 'classifier', 'evaluate'),
+    'classifier': _INPUT + ('classifier',),
+}
 
 
-def marker_fingerprint(stage_dir):
-  """The fingerprint recorded in stage_dir/fingerprint.json, or None."""
-  from mars_jax.stages import common
-  return (common.read_marker(stage_dir) or {}).get('fingerprint')
+def stage_dir(workdir, stage):
+  return fs.join(workdir, FOLDERS[stage])
 
 
-def has_checkpoints(stage_dir) -> bool:
-  p = fs.path(fs.join(stage_dir, 'checkpoints'))
-  try:
-    return p.exists() and any(True for _ in p.iterdir())
-  except OSError:
-    return False
+def data_dir(workdir):
+  return stage_dir(workdir, 'prepare')
+
+
+def samples_dir(workdir):
+  return stage_dir(workdir, 'sample')
+
+
+def eval_dir(workdir):
+  return stage_dir(workdir, 'evaluate')
+
+
+def classifier_dir(workdir, target):
+  return fs.join(eval_dir(workdir), f'{target}_classifier')
+
+
+def fingerprint(config, part):
+  """A short hash of the config sections `part` ('tokenizer', 'classifier', ...) depends on."""
+  return config_lib.fingerprint(config, *SECTIONS[part], exclude=config_lib.NOT_CONTENT)
+
+
+def classifier_fingerprint(config, target):
+  return fingerprint(config, 'classifier') + f'-{target}'
+
+
+def load_manifest(workdir):
+  """DIR/data/manifest.json (DataError naming the fix when absent)."""
+  from mars_jax.data import pipeline
+  return pipeline.load_manifest(data_dir(workdir))
 
 
 def manifest_hash(workdir):
   """config_hash of DIR/data/manifest.json: None when absent, '?' when unreadable."""
-  from mars_jax.data import prepare
-  path = prepare.manifest_path(workdir)
+  path = fs.join(data_dir(workdir), records.MANIFEST)
   if not fs.exists(path):
     return None
   try:
     return json.loads(fs.read_text(path)).get('config_hash', '?')
   except (OSError, ValueError, AttributeError):
     return '?'
+
+
+def load_config(workdir):
+  """The config a workdir was made with (written by the CLI as config.json)."""
+  import ml_collections
+  path = fs.join(workdir, CONFIG_JSON)
+  if not fs.exists(path):
+    raise FileNotFoundError(f'{path} is missing: is {workdir} a mars_jax workdir? '
+                            f'Pass config= explicitly otherwise.')
+  return ml_collections.ConfigDict(json.loads(fs.read_text(path)))
+
+
+# --- completion markers -------------------------------------------------------------------------
+
+
+def _marker(folder):
+  return fs.join(folder, MARKER)
+
+
+def read_marker(folder):
+  """folder/fingerprint.json ({'fingerprint', 'complete', ...}), or None if absent or
+  unreadable."""
+  try:
+    m = json.loads(fs.read_text(_marker(folder)))
+  except (OSError, ValueError):
+    return None
+  return m if isinstance(m, dict) else None
+
+
+def marker_fingerprint(folder):
+  """The fingerprint recorded in folder/fingerprint.json, or None."""
+  return (read_marker(folder) or {}).get('fingerprint')
+
+
+def has_checkpoints(folder) -> bool:
+  p = fs.path(fs.join(folder, 'checkpoints'))
+  try:
+    return p.exists() and any(True for _ in p.iterdir())
+  except OSError:
+    return False
+
+
+def claim(folder, fingerprint, what):
+  """Records which config owns `folder`; refuses to resume checkpoints of another config."""
+  fs.makedirs(folder)
+  old = read_marker(folder)
+  if (old is not None and old.get('fingerprint') != fingerprint
+      and fs.exists(fs.join(folder, 'checkpoints'))):
+    raise ConfigError(
+        f'{folder} holds {what} checkpoints trained with another config '
+        f'(fingerprint {old.get("fingerprint")}, now {fingerprint}); use another --workdir, or '
+        f'delete {folder} to retrain.')
+  from mars_jax import distributed
+  if distributed.is_main():
+    fs.write_text(_marker(folder), json.dumps({'fingerprint': fingerprint, 'complete': False}))
+
+
+def _final_checkpoint(folder):
+  """{'step', 'files': {path: bytes}} of the newest step in folder/checkpoints, or None."""
+  from mars_jax.train import checkpoint
+  d = fs.path(fs.join(folder, 'checkpoints'))
+  if not d.exists():
+    return None
+  steps = sorted(int(p.name) for p in d.iterdir() if p.name.isdigit() and p.is_dir())
+  if not steps:
+    return None
+  cdir = checkpoint.ckpt_dir(folder)
+  return {'step': steps[-1], 'files': checkpoint.files(cdir, steps[-1])}
+
+
+def mark_complete(folder, fingerprint, **extra):
+  """Marks `folder` complete for `fingerprint`; a training folder's marker also records the
+  final checkpoint's files and sizes, so damage to it later undoes "complete"."""
+  from mars_jax import distributed
+  if not distributed.is_main():
+    return
+  final = _final_checkpoint(folder)
+  if final is not None:
+    extra = {**extra, 'checkpoint': final}
+  fs.write_text(_marker(folder),
+                json.dumps({'fingerprint': fingerprint, 'complete': True, **extra}, indent=2))
+
+
+def is_complete(folder, fingerprint):
+  """Marked complete for `fingerprint` and, for a training folder, its final checkpoint is as it
+  was written (present, same file sizes, JSON metadata intact)."""
+  m = read_marker(folder)
+  if not (m and m.get('complete', False) and m.get('fingerprint') == fingerprint):
+    return False
+  final = m.get('checkpoint')
+  if final is not None:
+    from mars_jax.train import checkpoint
+    bad = checkpoint.check_files(checkpoint.ckpt_dir(folder), final['step'], final['files'])
+    if bad:
+      print(f'[{folder}] marked complete, but its final checkpoint is damaged ({bad}): '
+            f'not complete.', flush=True)
+      return False
+  return True
+
+
+def complete(config, workdir, stage):
+  """Whether `stage`'s output in `workdir` is complete for `config`: the prepared data (manifest
+  of this config, every shard intact) or a folder marked complete with this config's
+  fingerprint. (The evaluate stage adds its own inputs: see stages.evaluate.is_complete.)"""
+  if stage == 'prepare':
+    return data_prepare.is_prepared(config, data_dir(workdir))
+  return is_complete(stage_dir(workdir, stage), fingerprint(config, stage))
+
+
+# --- what a run may touch -----------------------------------------------------------------------
 
 
 @dataclasses.dataclass
@@ -57,16 +218,13 @@ class Trained:
 
 
 def trained_folders(config, workdir):
-  from mars_jax.evaluate import classifiers
-  from mars_jax.stages import autoregressor as ar_stage
-  from mars_jax.stages import tokenizer as tok_stage
-  out = [Trained('tokenizer', fs.join(workdir, 'tokenizer'), 'tokenizer', ('prepare',),
-                 tok_stage.fingerprint(config)),
-         Trained('autoregressor', fs.join(workdir, 'autoregressor'), 'autoregressor',
-                 ('prepare', 'tokenizer'), ar_stage.fingerprint(config))]
-  for t in classifiers.TARGETS:
-    out.append(Trained(f'{t} classifier', classifiers.stage_dir(workdir, t), 'evaluate',
-                       ('prepare',), classifiers.fingerprint(config, t)))
+  out = [Trained('tokenizer', stage_dir(workdir, 'tokenizer'), 'tokenizer', ('prepare',),
+                 fingerprint(config, 'tokenizer')),
+         Trained('autoregressor', stage_dir(workdir, 'autoregressor'), 'autoregressor',
+                 ('prepare', 'tokenizer'), fingerprint(config, 'autoregressor'))]
+  for t in CLASSIFIER_TARGETS:
+    out.append(Trained(f'{t} classifier', classifier_dir(workdir, t), 'evaluate',
+                       ('prepare',), classifier_fingerprint(config, t)))
   return out
 
 
@@ -88,11 +246,6 @@ class Plan:
   notes: list = dataclasses.field(default_factory=list)
 
 
-def _complete(stage, config, workdir):
-  from mars_jax import stages   # not mars_jax.main: it may be running as __main__
-  return importlib.import_module(stages.MODULES[stage]).is_complete(config, workdir)
-
-
 def check_run(config, workdir, stages, force=False, num_devices=None, num_processes=1) -> Plan:
   """Checks a run of `stages` with `config` against what `workdir` holds; writes nothing.
 
@@ -101,8 +254,6 @@ def check_run(config, workdir, stages, force=False, num_devices=None, num_proces
   neither in the workdir for this config nor produced by an earlier stage of the run, or when a
   training stage's batch does not split over the devices.
   """
-  from mars_jax import config as config_lib
-  from mars_jax.data import prepare
   stages = list(stages)
   if num_devices is not None:
     for st in ('tokenizer', 'autoregressor'):
@@ -116,11 +267,11 @@ def check_run(config, workdir, stages, force=False, num_devices=None, num_proces
 
   # Which stages of this run write new content (as opposed to finding it done or resuming it)?
   old_data = manifest_hash(workdir)
-  new_data = prepare.config_hash(config)
+  new_data = data_prepare.config_hash(config)
   data_replaced = 'prepare' in stages and old_data is not None and old_data != new_data
   writes = {'prepare': data_replaced}
   for st in ('tokenizer', 'autoregressor'):
-    writes[st] = st in stages and not _complete(st, config, workdir)
+    writes[st] = st in stages and not complete(config, workdir, st)
 
   conflicts = []   # (Trained, reason)
   for t, fp in foreign_checkpoints(config, workdir):
@@ -140,13 +291,12 @@ def check_run(config, workdir, stages, force=False, num_devices=None, num_proces
   if conflicts:
     dead = [t.path for t, _ in conflicts]
     delete = [(t.path, f'{t.name} checkpoints of another config') for t, _ in conflicts]
-    samples = fs.join(workdir, 'samples')
-    from mars_jax.stages import sample as sample_stage
-    if (fs.exists(samples) and marker_fingerprint(samples) != sample_stage.fingerprint(config)
+    samples = samples_dir(workdir)
+    if (fs.exists(samples) and marker_fingerprint(samples) != fingerprint(config, 'sample')
         and any(t.stage in ('tokenizer', 'autoregressor') for t, _ in conflicts)):
       delete.append((samples, 'samples of the deleted models'))
-    for name in ('eval/metrics.json', 'eval/fingerprint.json', 'report.html'):
-      p = fs.join(workdir, name)
+    for p in (fs.join(eval_dir(workdir), METRICS_JSON), _marker(eval_dir(workdir)),
+              fs.join(workdir, REPORT)):
       if fs.exists(p):
         delete.append((p, 'evaluation of the deleted work'))
     listing = '; '.join(f'{t.path} {why}' for t, why in conflicts)
@@ -157,7 +307,7 @@ def check_run(config, workdir, stages, force=False, num_devices=None, num_proces
           f'{", ".join(p for p, _ in delete)} (work of the other config) and start them over.')
     plan = Plan(delete=delete)
     if data_replaced:
-      plan.notes.append(f'{prepare.data_dir(workdir)} is re-prepared for this config.')
+      plan.notes.append(f'{data_dir(workdir)} is re-prepared for this config.')
     _check_inputs(config, workdir, stages, set(dead))
     return plan
   _check_inputs(config, workdir, stages, set())
@@ -167,27 +317,24 @@ def check_run(config, workdir, stages, force=False, num_devices=None, num_proces
 def _check_inputs(config, workdir, stages, deleted):
   """Every stage's input is in the workdir for this config, or an earlier stage of the run makes
   it (checked before anything runs, so a refused run writes nothing, config.json included)."""
-  from mars_jax.data import prepare
   need = {'tokenizer': 'prepare', 'autoregressor': 'tokenizer', 'sample': 'autoregressor'}
   for st in stages:
     dep = need.get(st)
     if dep is None or dep in stages:
       continue
-    ok = (prepare.is_complete(config, workdir) if dep == 'prepare'
-          else fs.join(workdir, dep) not in deleted and _complete(dep, config, workdir))
+    ok = ((dep == 'prepare' or stage_dir(workdir, dep) not in deleted)
+          and complete(config, workdir, dep))
     if not ok:
-      where = 'data' if dep == 'prepare' else dep
       raise ConfigError(
           f'--stages: the {st} stage needs the {dep} stage done for this config, but '
-          f'{fs.join(workdir, where)} does not hold it (missing, unfinished, or made with '
+          f'{stage_dir(workdir, dep)} does not hold it (missing, unfinished, or made with '
           f'another config); add {dep} to --stages.')
   if 'evaluate' in stages:
-    if 'sample' not in stages and not fs.exists(fs.join(workdir, 'samples', 'samples.json')):
+    if 'sample' not in stages and not fs.exists(fs.join(samples_dir(workdir), SAMPLES_JSON)):
       raise ConfigError(f'--stages: the evaluate stage needs {workdir}/samples/samples.json; '
                         f'add sample to --stages (it needs a trained autoregressor).')
     for dep in ('prepare', 'tokenizer'):
-      if dep not in stages and not (prepare.is_complete(config, workdir) if dep == 'prepare'
-                                    else _complete(dep, config, workdir)):
+      if dep not in stages and not complete(config, workdir, dep):
         raise ConfigError(f'--stages: the evaluate stage needs the {dep} stage done for this '
                           f'config in {workdir}; add {dep} to --stages.')
 
@@ -209,17 +356,13 @@ def apply(plan: Plan, out=print) -> None:
 def check_generator(config, workdir) -> None:
   """Raises ConfigError unless DIR/data, DIR/tokenizer and DIR/autoregressor were all made with
   `config` (their recorded fingerprints), so the model, its vocabulary and its pitch range agree."""
-  from mars_jax.data import prepare
-  from mars_jax.stages import autoregressor as ar_stage
-  from mars_jax.stages import tokenizer as tok_stage
   bad = []
   got = manifest_hash(workdir)
-  if got != prepare.config_hash(config):
-    bad.append(f'{prepare.data_dir(workdir)} (prepared for config {got}, this config '
-               f'{prepare.config_hash(config)})')
-  for name, fp in (('tokenizer', tok_stage.fingerprint(config)),
-                   ('autoregressor', ar_stage.fingerprint(config))):
-    d = fs.join(workdir, name)
+  if got != data_prepare.config_hash(config):
+    bad.append(f'{data_dir(workdir)} (prepared for config {got}, this config '
+               f'{data_prepare.config_hash(config)})')
+  for name in ('tokenizer', 'autoregressor'):
+    d, fp = stage_dir(workdir, name), fingerprint(config, name)
     old = marker_fingerprint(d)
     if old != fp:
       bad.append(f'{d} (trained with config {old}, this config {fp})')

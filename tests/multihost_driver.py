@@ -117,16 +117,18 @@ def main():
     jax.config.update('jax_compilation_cache_dir', a.cache)
     jax.config.update('jax_persistent_cache_min_compile_time_secs', 0)
   from mars_jax.data import pipeline
-  from mars_jax.stages import autoregressor, common, tokenizer
+  from mars_jax import trained
+  from mars_jax import workdir as workdir_lib
+  from mars_jax.stages import autoregressor, tokenizer
   from mars_jax.train import engine, partitioning
 
   config = tiny_config()
   run_dir = os.path.join(a.workdir, a.run)
   _link_data(a.workdir, run_dir)
   stage_dir = os.path.join(run_dir, 'tokenizer')
-  data_dir = common.data_dir(run_dir)
-  fp = tokenizer.fingerprint(config)
-  common.claim(stage_dir, fp, tokenizer.NAME)
+  data_dir = workdir_lib.data_dir(run_dir)
+  fp = workdir_lib.fingerprint(config, tokenizer.NAME)
+  workdir_lib.claim(stage_dir, fp, tokenizer.NAME)
   task, _ = tokenizer.make_task(config)
   ckpt = os.path.join(stage_dir, 'checkpoints', str(a.die_after_ckpt))
   make_it = lambda: DieAt(pipeline.make_iterator(config, data_dir, 'train', batch_size=BATCH),
@@ -135,16 +137,16 @@ def main():
         f'{jax.device_count()} devices', flush=True)
   state = engine.train(task, config, 'tokenizer', stage_dir, make_it)
   step = int(jax.device_get(state.step))
-  common.mark_complete(stage_dir, fp, step=step)   # what tokenizer.run does after training
+  workdir_lib.mark_complete(stage_dir, fp, step=step)   # what tokenizer.run does after training
   _save(os.path.join(run_dir, 'result.npz'), state.params)
   print(f'driver: process {pi} tokenizer done at step {step}', flush=True)
   if pc > 1:   # the others must see the completion marker (mars_jax.main's barrier)
     multihost_utils.sync_global_devices('driver/tokenizer')
 
   autoregressor.run(config, run_dir)   # loads the tokenizer checkpoint, trains the VAR
-  n_instruments = autoregressor.num_instruments(config, pipeline.load_manifest(data_dir))
-  ar_params, _ = autoregressor.load_params(config, run_dir, partitioning.make_mesh(config),
-                                           n_instruments)
+  n_instruments = trained.num_instruments(config, pipeline.load_manifest(data_dir))
+  ar_params, _ = trained.load_autoregressor(config, run_dir, partitioning.make_mesh(config),
+                                            n_instruments)
   _save(os.path.join(run_dir, 'ar.npz'), ar_params)
   print(f'driver: process {pi} done', flush=True)
 

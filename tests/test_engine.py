@@ -92,15 +92,15 @@ class MLP(nn.Module):
 def make_task(nan_at=None, with_eval=False):
   model = MLP()
 
-  def loss(params, batch, rng, step):
+  def loss(params, batch, rng, step, frozen):
     pred = model.apply({'params': params}, batch['x'])
     l = jnp.mean((pred.astype(jnp.float32) - batch['y']) ** 2)
     if nan_at is not None:
       l = jnp.where(step >= nan_at, jnp.nan, l)
     # idx_sum fingerprints which examples the step saw (checks the batch sequence on resume).
-    return l, {'idx_sum': jnp.sum(batch['idx']).astype(jnp.float32)}
+    return engine.Loss(l, {'idx_sum': jnp.sum(batch['idx']).astype(jnp.float32)})
 
-  def eval_fn(params, batch):
+  def eval_fn(params, batch, frozen):
     pred = model.apply({'params': params}, batch['x'])
     return {'mse': jnp.mean((pred - batch['y']) ** 2)}
 

@@ -13,9 +13,10 @@ import numpy as np
 import pytest
 import soundfile as sf
 
-from mars_jax.data import audio_io, prepare, sources
+from mars_jax import workdir as workdir_lib
+from mars_jax.data import audio_io, sources
 from mars_jax.evaluate import classifiers
-from mars_jax.stages import evaluate, tokenizer
+from mars_jax.stages import evaluate, prepare, tokenizer
 
 from tests.helpers import load_config
 
@@ -101,7 +102,7 @@ def _clone(src, dst):
   for name in ('data', 'tokenizer'):
     os.symlink(os.path.join(src, name), os.path.join(dst, name))
   for t in classifiers.TARGETS:
-    shutil.copytree(classifiers.stage_dir(src, t), classifiers.stage_dir(dst, t))
+    shutil.copytree(workdir_lib.classifier_dir(src, t), workdir_lib.classifier_dir(dst, t))
 
 
 # An accuracy (a fraction of notes), by name, whatever its prefix (real_, gl_, recon_ or none).
@@ -154,7 +155,7 @@ def test_metrics_real_notes_reach_the_ceiling_and_collapse_is_worse(workdir, tmp
   assert want <= set(m), sorted(want - set(m))
   bad = {k: v for k, v in m.items() if not (isinstance(v, (int, float)) and math.isfinite(v))}
   assert not bad, bad
-  counts = prepare.load_manifest(workdir)['splits']
+  counts = workdir_lib.load_manifest(workdir)['splits']
   assert m['num_generated'] == len(notes) == counts['test']['count']
   assert m['num_real_train'] == counts['train']['count']
   assert m['num_real_test'] == counts['test']['count']
@@ -168,7 +169,8 @@ def test_metrics_real_notes_reach_the_ceiling_and_collapse_is_worse(workdir, tmp
   check_ceilings(c, m, workdir)
   # Skipped when complete; new samples invalidate.
   for t in classifiers.TARGETS:
-    assert classifiers.is_trained(c, workdir, t)
+    assert workdir_lib.is_complete(workdir_lib.classifier_dir(workdir, t),
+                                   workdir_lib.classifier_fingerprint(c, t))
 
   write_samples(c, workdir, notes[:-1])  # new samples: the result no longer matches
   assert not evaluate.is_complete(c, workdir)

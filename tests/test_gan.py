@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 from mars_jax import config as config_lib
+from mars_jax import trained
 from mars_jax.models.tokenizer import hinge_d_loss, hinge_g_loss, tokenizer_loss
 from mars_jax.stages import tokenizer as tok_stage
 from mars_jax.train.partitioning import unbox
@@ -49,7 +50,7 @@ def gan():
   config = _config(GAN_WEIGHT)
   shapes = config_lib.derive(config)
   task, model = tok_stage.make_task(config, shapes)
-  disc = tok_stage.build_discriminator(config, shapes)
+  disc = trained.build_discriminator(config, shapes)
   tcfg = config.tokenizer
   x = jnp.asarray(np.random.default_rng(0).standard_normal((BATCH,) + tuple(shapes.image)),
                   jnp.float32)
@@ -71,7 +72,7 @@ def gan():
   def run(params, step):
     t, d = params['tokenizer'], params['discriminator']
     (value, metrics), grads = jax.value_and_grad(
-        lambda p: task.loss(p, batch, rng, step)[:2], has_aux=True)(params)
+        lambda p: task.loss(p, batch, rng, step, {})[:2], has_aux=True)(params)
     lam = metrics['gan_weight_adaptive']
 
     # VQGAN's weight from grads of the full forward w.r.t. the decoder's last kernel.
@@ -112,12 +113,12 @@ def test_gan_off_is_the_plain_tokenizer_loss(gan):
   # Same init as the tokenizer half of the GAN tree: old checkpoints keep their layout.
   assert jax.tree.structure(abstract) == jax.tree.structure(on_params['tokenizer'])
   params = on_params['tokenizer']
-  assert tok_stage.tokenizer_params(config, params) is params
+  assert trained.tokenizer_params(config, params) is params
   rng = jax.random.PRNGKey(2)
 
   @jax.jit
   def both(p):
-    value, metrics, _ = task.loss(p, batch, rng, jnp.int32(100))
+    value, metrics, _ = task.loss(p, batch, rng, jnp.int32(100), {})
     recon, aux = model.apply({'params': p}, batch['image'], train=True, rngs={'dropout': rng})
     return value, metrics, tokenizer_loss(recon, batch['image'], aux, config.tokenizer)
 
@@ -130,7 +131,7 @@ def test_gan_off_is_the_plain_tokenizer_loss(gan):
 def test_gan_params_tree_and_reseed(gan):
   config, shapes, task, model, params, batch, _ = gan
   assert set(params) == {'tokenizer', 'discriminator'}
-  assert tok_stage.tokenizer_params(config, params) is params['tokenizer']
+  assert trained.tokenizer_params(config, params) is params['tokenizer']
   assert tok_stage._get(params['tokenizer'], tok_stage.LAST_LAYER).shape[-1] == shapes.image[-1]
   # Dead-code re-seeding addresses params['tokenizer']['quantizer']['codebook'].
   extra = task.init_extra(None, params)

@@ -42,12 +42,6 @@ def test_bucket_workdir_without_gcsfs_exits_2_saying_what_to_install(tmp_path):
   assert list(tmp_path.iterdir()) == []   # nothing written locally under a 'gs:' folder
 
 
-def test_missing_stage_module_is_reported_not_crashed(monkeypatch):
-  monkeypatch.setitem(main.STAGE_MODULES, 'evaluate', 'mars_jax.stages.no_such_stage')
-  with pytest.raises(main.StageNotImplemented, match="stage 'evaluate' is not implemented"):
-    main.load_stage('evaluate')
-
-
 def test_stages_run_in_pipeline_order():
   assert main.parse_stages(['sample', 'prepare', 'tokenizer']) == ['prepare', 'tokenizer', 'sample']
   with pytest.raises(config_lib.ConfigError):

@@ -99,7 +99,7 @@ def _assert_params_close(a, b):
 @pytest.fixture(scope='module')
 def workdir(tmp_path_factory):
   """The tiny synthetic data set, prepared once (per_pitch_family=1: 96 training notes)."""
-  from mars_jax.data import prepare
+  from mars_jax.stages import prepare
   from tests import multihost_driver
   d = str(tmp_path_factory.mktemp('multihost'))
   prepare.run(multihost_driver.tiny_config(), d, log=lambda m: None)

@@ -8,7 +8,9 @@ import soundfile as sf
 
 from tests.helpers import load_config
 from mars_jax.audio.spectrogram import spectrogram
-from mars_jax.data import prepare, records
+from mars_jax.data import prepare as data_prepare
+from mars_jax.data import records
+from mars_jax.stages import prepare
 
 
 def _read_split(workdir, manifest, split):
@@ -101,7 +103,7 @@ def test_prepare_nsynth_layout(tmp_path, monkeypatch, where):
   assert m['vocab']['pitch_range'] == [48, 84]
   assert m['spectrogram']['shape'] == [128, 128] and m['spectrogram']['dtype'] == 'float16'
   assert m['fixed']['resampled'] == 5 and m['skipped'] == []
-  assert m['config_hash'] == prepare.config_hash(c)
+  assert m['config_hash'] == data_prepare.config_hash(c)
   recs = _read_split(str(tmp_path / 'work'), m, 'train')
   assert [r['name'] for r in recs] == ['brass_acoustic_001-060-100', 'brass_acoustic_001-062-050',
                                        'guitar_acoustic_007-064-100']
@@ -215,7 +217,7 @@ def test_tiny_prepare_complete(tiny_prepared):
 def test_resume_after_kill(tmp_path, monkeypatch):
   c = _small_synthetic()
   work = str(tmp_path / 'w')
-  real = prepare.prepare_shard
+  real = data_prepare.prepare_shard
   calls = []
 
   def dying(task, params, d):
@@ -224,10 +226,10 @@ def test_resume_after_kill(tmp_path, monkeypatch):
       raise KeyboardInterrupt('killed')
     return real(task, params, d)
 
-  monkeypatch.setattr(prepare, 'prepare_shard', dying)
+  monkeypatch.setattr(data_prepare, 'prepare_shard', dying)
   with pytest.raises(KeyboardInterrupt):
     prepare.run(c, work, log=_quiet)
-  monkeypatch.setattr(prepare, 'prepare_shard', real)
+  monkeypatch.setattr(data_prepare, 'prepare_shard', real)
   d = os.path.join(work, 'data')
   assert not os.path.exists(os.path.join(d, 'manifest.json'))
   assert not prepare.is_complete(c, work)

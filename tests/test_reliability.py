@@ -99,13 +99,13 @@ def test_force_says_what_it_deletes_then_runs(workdir_copy):
     assert f'--force: deleting {os.path.join(w, gone)}' in text
     assert not os.path.exists(os.path.join(w, gone))
   assert json.loads(pathlib.Path(w, 'config.json').read_text())['data']['pitch_range'] == [49, 72]
-  from mars_jax.data import prepare
+  from mars_jax.stages import prepare
   assert prepare.is_complete(other, w)
 
 
 def test_prepare_alone_never_replaces_data_under_checkpoints(workdir_copy):
   """The stage itself refuses too (a direct call, without the CLI's check)."""
-  from mars_jax.data import prepare
+  from mars_jax.stages import prepare
   w, config = workdir_copy
   before = _tree(w)
   with pytest.raises(config_lib.ConfigError, match='checkpoints'):
@@ -155,7 +155,8 @@ def _with_batch(gen, batch_size):
   c = ml_collections.ConfigDict(gen.config.to_dict())
   c.sample.batch_size = batch_size
   manifest = {'vocab': {gen.config.data.instrument_label: gen.instruments}}
-  return Generator(c, manifest, gen._tok, gen._tok_params, gen._var, gen._var_params)
+  return Generator(c, manifest, gen.tokenizer, gen.tokenizer_params, gen.var,
+                   gen.var_params)
 
 
 class _Recorder:
@@ -171,8 +172,8 @@ class _Recorder:
 
 def test_generate_runs_in_batches_of_sample_batch_size(generator):
   g = _with_batch(generator, 3)
-  g._spec_fn = spec = _Recorder(g._spec_fn, 2)
-  g._audio_fn = audio = _Recorder(g._audio_fn, 0)
+  g.spectrogram_fn = spec = _Recorder(g.spectrogram_fn, 2)
+  g.audio_fn = audio = _Recorder(g.audio_fn, 0)
   waves = g.generate(pitch=60, instrument='flute', n=7, seed=2)
   assert waves.shape == (7, g.shapes.n_samples)
   assert spec.batches == [3, 3, 3] and audio.batches == [3, 3, 3]   # the last one padded
@@ -276,7 +277,8 @@ def test_sample_file_names_are_slugs_and_samples_json_keeps_the_names(tmp_path, 
 
 def test_prepare_checks_label_vocabularies(tmp_path):
   import soundfile as sf
-  from mars_jax.data import pipeline, prepare
+  from mars_jax.data import pipeline
+  from mars_jax.stages import prepare
   tone = (0.5 * np.sin(2 * np.pi * 330 * np.arange(8192) / 8000)).astype(np.float32)
   c = _folder_config(tmp_path, 'a.wav,64,ok,train\nb.wav,64,"tab\there",train\n')
   for f in ('a.wav', 'b.wav'):
@@ -336,7 +338,7 @@ def test_rerun_retrains_from_the_newest_intact_checkpoint(workdir_copy, capsys, 
   w, config = workdir_copy
   tdir = os.path.join(w, 'tokenizer')
   import jax
-  before = jax.device_get(Generator.from_workdir(w)._tok_params)
+  before = jax.device_get(Generator.from_workdir(w).tokenizer_params)
   steps = _steps(tdir)
   _truncate(tdir, steps[-1])
   with caplog.at_level(logging.WARNING):
@@ -346,7 +348,7 @@ def test_rerun_retrains_from_the_newest_intact_checkpoint(workdir_copy, capsys, 
   assert f'resuming from step {steps[-2]}; damaged step {steps[-1]} moved to' in caplog.text
   assert tok_stage.is_complete(config, w) and _steps(tdir) == steps
   assert len(os.listdir(os.path.join(tdir, 'checkpoints-damaged'))) == 1   # set aside, not lost
-  after = jax.device_get(Generator.from_workdir(w)._tok_params)
+  after = jax.device_get(Generator.from_workdir(w).tokenizer_params)
   for a, b in zip(jax.tree.leaves(before), jax.tree.leaves(after)):
     np.testing.assert_array_equal(a, b)            # a rerun trains to the same model
 
@@ -383,7 +385,8 @@ def test_only_damage_counts_as_damage(workdir_copy):
 # --- bug 5: a damaged data shard is found and redone --------------------------------------------
 
 def test_truncated_shard_is_not_prepared_and_is_redone(tmp_path):
-  from mars_jax.data import pipeline, prepare
+  from mars_jax.data import pipeline
+  from mars_jax.stages import prepare
   from test_prepare import _small_synthetic
   c, w = _small_synthetic(), str(tmp_path / 'w')
   m = prepare.run(c, w, log=_quiet)
@@ -402,7 +405,8 @@ def test_truncated_shard_is_not_prepared_and_is_redone(tmp_path):
 
 
 def test_a_split_that_ends_up_empty_is_an_error(tmp_path):
-  from mars_jax.data import pipeline, prepare
+  from mars_jax.data import pipeline
+  from mars_jax.stages import prepare
   c = _folder_config(tmp_path, 'gone1.wav,64,a,train\ngone2.wav,65,a,train\n')
   with pytest.raises(pipeline.DataError, match=r"split 'train' ends up empty: 2 notes listed"):
     prepare.run(c, str(tmp_path / 'w'), log=_quiet)
@@ -466,7 +470,7 @@ def test_lock_of_another_host_is_stale_only_without_heartbeat(tmp_path):
 
 
 def test_the_lock_is_held_while_stages_run(tmp_path, monkeypatch):
-  from mars_jax.data import prepare
+  from mars_jax.stages import prepare
   seen = []
   monkeypatch.setattr(prepare, 'run', lambda config, w: seen.append(
       json.loads(pathlib.Path(w, '.lock').read_text())))
@@ -490,7 +494,7 @@ def test_bucket_lock_round_trip(tmp_path, monkeypatch):
 
 _PARENT = r'''
 import sys
-from mars_jax.data import prepare
+from mars_jax.stages import prepare
 from tests.helpers import load_config
 c = load_config('tiny')
 c.data.synthetic.per_pitch_family = 40

@@ -152,10 +152,10 @@ def test_config_json_records_the_numbers_used(tmp_path):
   assert saved['steps'] == 57 and saved['warmup_steps'] == 3
   assert saved['checkpoint_every'] == 19 and saved['eval_every'] == 19   # tiny: 3 per run
   assert saved['warmup_fraction'] == 0.05 and saved['checkpoints_per_run'] == 3
-  # A workdir's config.json, read back (mars_jax.sample.load_config), matches the stages it made.
-  from mars_jax import sample
-  from mars_jax.stages import tokenizer as tok_stage
-  assert tok_stage.fingerprint(sample.load_config(str(tmp_path))) == tok_stage.fingerprint(c)
+  # A workdir's config.json, read back (mars_jax.workdir.load_config), matches the stages it made.
+  from mars_jax import workdir
+  assert (workdir.fingerprint(workdir.load_config(str(tmp_path)), 'tokenizer')
+          == workdir.fingerprint(c, 'tokenizer'))
 
 
 def test_schedule_line_names_warmup_peak_end_and_steps():

@@ -12,9 +12,10 @@ import numpy as np
 import pytest
 
 from mars_jax import config as config_lib
+from mars_jax import trained
+from mars_jax import workdir as workdir_lib
 from mars_jax.data import pipeline
 from mars_jax.stages import autoregressor as ar_stage
-from mars_jax.stages import common
 from mars_jax.stages import tokenizer as tok_stage
 from mars_jax.train import engine, partitioning
 
@@ -33,13 +34,13 @@ def _config(base, stage, layout):
 def _run(base, workdir, tmp_path, stage, layout):
   c = _config(base, stage, layout)
   devices = jax.devices()[:LAYOUTS[layout][1]]
-  data_dir = common.data_dir(workdir)
+  data_dir = workdir_lib.data_dir(workdir)
   if stage == 'tokenizer':
     task, _ = tok_stage.make_task(c)
   else:
     mesh = partitioning.make_mesh(c, devices)
-    tok_params, tok_model = tok_stage.load_params(c, workdir, mesh)
-    n_inst = ar_stage.num_instruments(c, pipeline.load_manifest(data_dir))
+    tok_params, tok_model = trained.load_tokenizer(c, workdir, mesh)
+    n_inst = trained.num_instruments(c, pipeline.load_manifest(data_dir))
     task, _ = ar_stage.make_task(c, config_lib.derive(c), n_inst, tok_model, tok_params)
   out = str(tmp_path / f'{stage}-{layout}')
   state = engine.train(task, c, stage, out, devices=devices,

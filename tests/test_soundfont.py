@@ -10,7 +10,8 @@ import pytest
 from tests.helpers import load_config
 from mars_jax import config as config_lib
 from mars_jax.config import ConfigError
-from mars_jax.data import audio_io, prepare, sources, soundfont
+from mars_jax.data import audio_io, sources, soundfont
+from mars_jax.stages import prepare
 from tests.test_prepare import _quiet, _read_split
 
 TIMGM6MB = '/usr/share/sounds/sf2/TimGM6mb.sf2'

@@ -101,11 +101,11 @@ def test_generator_seeds_and_errors(generator):
 def test_kv_cache_matches_full_forward_with_the_real_tokenizer(generator):
   g = generator
   def step(k, f_hat, tok):
-    return g._tok.apply({'params': g._tok_params}, k, f_hat, tok, method=Tokenizer.next_input)
-  args = (g._var_params, jnp.array([0, 5, 11]), jnp.array([0, 1, 3]), jnp.array([1, 2, 3]),
+    return g.tokenizer.apply({'params': g.tokenizer_params}, k, f_hat, tok, method=Tokenizer.next_input)
+  args = (g.var_params, jnp.array([0, 5, 11]), jnp.array([0, 1, 3]), jnp.array([1, 2, 3]),
           jax.random.PRNGKey(7))
   kw = dict(next_input_fn=step, latent_shape=g.shapes.latent, cfg=2.0, top_k=50, top_p=0.9)
-  cached, _ = jax.jit(lambda *a: sampling.sample_tokens(g._var, *a, **kw))(*args)
-  full, _ = jax.jit(lambda *a: sampling.sample_tokens_nocache(g._var, *a, **kw))(*args)
+  cached, _ = jax.jit(lambda *a: sampling.sample_tokens(g.var, *a, **kw))(*args)
+  full, _ = jax.jit(lambda *a: sampling.sample_tokens_nocache(g.var, *a, **kw))(*args)
   for c, f in zip(cached, full):
     np.testing.assert_array_equal(np.asarray(c), np.asarray(f))

@@ -117,7 +117,7 @@ def spectral_convergence(mag_target, wave, n_fft, hop):
 
   mag_target: (..., F, T) dropped-form magnitude; wave: (..., N) with N = T*hop.
   """
-  xp = sp._xp(wave)
+  xp = sp.array_module(wave)
   est = sp.magnitude(wave, n_fft, hop)                              # (..., F, T)
   target = xp.asarray(mag_target, xp.float32)
   num = xp.sqrt(xp.sum((target - est) ** 2, axis=(-2, -1)))

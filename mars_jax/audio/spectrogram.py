@@ -11,7 +11,8 @@ import math
 import numpy as np
 
 
-def _xp(x):
+def array_module(x):
+  """numpy for numpy inputs (and scalars), jax.numpy otherwise: the same code serves both."""
   if isinstance(x, np.ndarray) or np.isscalar(x):
     return np
   import jax.numpy as jnp
@@ -47,7 +48,7 @@ def stft(x, n_fft, hop):
   Magnitudes are scaled so a full-scale sine peaks near 1: a sine of amplitude A gives
   A*sum(window)/2 = A*n_fft/4 in its bin.
   """
-  xp = _xp(x)
+  xp = array_module(x)
   pad = [(0, 0)] * (x.ndim - 1) + [(n_fft // 2, n_fft // 2)]
   xpad = xp.pad(x.astype(xp.float32), pad)
   if xp is np:  # prepare's hot path: strided view, cached window, scipy's faster float32 rfft
@@ -60,7 +61,7 @@ def stft(x, n_fft, hop):
 
 def magnitude(x, n_fft, hop):
   """(..., N) -> (..., F, T) magnitude with Nyquist bin and last frame dropped."""
-  xp = _xp(x)
+  xp = array_module(x)
   mag = xp.abs(stft(x, n_fft, hop))[..., :-1, :-1]  # (..., T, F)
   return xp.swapaxes(mag, -1, -2).astype(xp.float32)
 
@@ -74,7 +75,7 @@ def norm_constants(spec_cfg):
 
 def normalise(mag, spec_cfg):
   """magnitude -> log(mag + eps) -> [-1, 1] (values above log_max are clipped)."""
-  xp = _xp(mag)
+  xp = array_module(mag)
   lo, hi = norm_constants(spec_cfg)
   logmag = xp.log(mag + spec_cfg.log_eps)
   return xp.clip(2.0 * (logmag - lo) / (hi - lo) - 1.0, -1.0, 1.0).astype(xp.float32)
@@ -82,7 +83,7 @@ def normalise(mag, spec_cfg):
 
 def denormalise(y, spec_cfg):
   """Exact inverse of `normalise` on [-1, 1]: back to magnitude (>= 0)."""
-  xp = _xp(y)
+  xp = array_module(y)
   lo, hi = norm_constants(spec_cfg)
   logmag = (y.astype(xp.float32) + 1.0) * 0.5 * (hi - lo) + lo
   return xp.maximum(xp.exp(logmag) - spec_cfg.log_eps, 0.0)

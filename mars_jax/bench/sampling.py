@@ -71,6 +71,7 @@ def random_generator(config, seed=0):
   import numpy as np
   from flax.linen import meta
   from mars_jax import config as config_lib
+  from mars_jax import trained
   from mars_jax.sample import Generator
   from mars_jax.stages import autoregressor as ar_stage
   from mars_jax.stages import tokenizer as tok_stage
@@ -78,12 +79,13 @@ def random_generator(config, seed=0):
   shapes = config_lib.derive(config)
   names = instrument_names(config)
   manifest = {'vocab': {'family': names, 'instrument': names}}
-  n_inst = ar_stage.num_instruments(config, manifest)
+  n_inst = trained.num_instruments(config, manifest)
   rng_tok, rng_var = jax.random.split(jax.random.PRNGKey(seed))
 
   tok_task, tok_model = tok_stage.make_task(config, shapes)
   image = np.zeros((1,) + tuple(shapes.image), np.float32)
-  tok_params = meta.unbox(jax.jit(tok_task.init)(rng_tok, {'image': image}))
+  tok_params = trained.tokenizer_params(
+      config, meta.unbox(jax.jit(tok_task.init)(rng_tok, {'image': image})))
 
   var_task, var_model = ar_stage.make_task(config, shapes, n_inst, tok_model=None)
   batch = {'image': image, 'pitch': np.zeros((1,), np.int32),
@@ -111,7 +113,7 @@ class Bench:
     pitch = jnp.asarray([i % sh.num_pitches for i in range(batch)], jnp.int32)
     inst = jnp.asarray([i % len(self.gen.instruments) for i in range(batch)], jnp.int32)
     seeds = jnp.arange(batch, dtype=jnp.int32)
-    return (self.gen._var_params, self.gen._tok_params, pitch, inst, seeds,
+    return (self.gen.var_params, self.gen.tokenizer_params, pitch, inst, seeds,
             jax.random.PRNGKey(0), jnp.float32(s.cfg), int(s.top_k), float(s.top_p))
 
   def _reps(self, fn):
@@ -126,7 +128,7 @@ class Bench:
 
   def run(self, batch):
     import jax
-    spec_fn, audio_fn = self.gen._spec_fn, self.gen._audio_fn
+    spec_fn, audio_fn = self.gen.spectrogram_fn, self.gen.audio_fn
     args = self._args(batch)
 
     def a():
@@ -171,9 +173,9 @@ def describe_config(gen):
   a = c.autoregressor
   return (f'{sh.freq_bins}x{sh.frames} spectrogram ({c.spectrogram.sample_rate} Hz, '
           f'{c.spectrogram.duration} s), latent {sh.latent[0]}x{sh.latent[1]}x{sh.latent[2]}, '
-          f'{len(sh.scales)} scales / {sh.num_tokens} tokens, VAR depth {gen._var.depth} '
-          f'width {gen._var.width} ({_count(gen._var_params) / 1e6:.1f} M params, '
-          f'{a.train.compute_dtype}), tokenizer {_count(gen._tok_params) / 1e6:.1f} M params '
+          f'{len(sh.scales)} scales / {sh.num_tokens} tokens, VAR depth {gen.var.depth} '
+          f'width {gen.var.width} ({_count(gen.var_params) / 1e6:.1f} M params, '
+          f'{a.train.compute_dtype}), tokenizer {_count(gen.tokenizer_params) / 1e6:.1f} M params '
           f'({c.tokenizer.train.compute_dtype}), codebook {c.tokenizer.codebook_size}, '
           f'GL {c.spectrogram.griffin_lim_iters} iters n_fft {c.spectrogram.n_fft} hop '
           f'{c.spectrogram.hop}, cfg {c.sample.cfg} top_k {c.sample.top_k} top_p {c.sample.top_p}')

@@ -85,12 +85,12 @@ def _child(n, per_device, steps):
   def init(rng, b):
     return model.init({'params': rng}, b['pitch'], b['instrument'], b['teacher'])['params']
 
-  def loss(params, b, rng, step):
+  def loss(params, b, rng, step, frozen):
     logits = model.apply({'params': params}, b['pitch'], b['instrument'], b['teacher'],
                          train=True, rngs={'dropout': rng})
     logp = jax.nn.log_softmax(logits, -1)
     nll = -jnp.take_along_axis(logp, b['tokens'][..., None], -1).mean()
-    return nll, {}
+    return engine.Loss(nll, {})
 
   task = engine.Task(init=init, loss=loss)
   with tempfile.TemporaryDirectory() as d:

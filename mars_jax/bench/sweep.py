@@ -67,6 +67,7 @@ def score(config, gen_specs, waves, pitch, instrument, feat, train, pitch_lo):
 
 def run(workdir, settings, num, log=_log):
   from mars_jax import config as config_lib
+  from mars_jax import workdir as workdir_lib
   from mars_jax.audio import spectrogram as spec_lib
   from mars_jax.evaluate import classifiers
   from mars_jax.sample import Generator
@@ -77,7 +78,8 @@ def run(workdir, settings, num, log=_log):
   gen = Generator.from_workdir(workdir)
   config = gen.config
   for target in classifiers.TARGETS:
-    if not classifiers.is_trained(config, workdir, target):
+    if not workdir_lib.is_complete(workdir_lib.classifier_dir(workdir, target),
+                                   workdir_lib.classifier_fingerprint(config, target)):
       raise SystemExit(f'{workdir} has no trained {target} classifier: run '
                        f'`python -m mars_jax.main --workdir={workdir} --stages=evaluate` first.')
   shapes = config_lib.derive(config)

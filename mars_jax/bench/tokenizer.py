@@ -29,7 +29,6 @@ from mars_jax.bench import machine as machine_lib
 import argparse
 import datetime
 import importlib.util
-import inspect
 import json
 import os
 import statistics
@@ -125,7 +124,6 @@ class Step:
     import flax.linen as nn
     import jax
     from mars_jax import config as config_lib
-    from mars_jax.train import checkpoint as ckpt
     from mars_jax.train import engine
     from mars_jax.train import partitioning as part
 
@@ -137,35 +135,15 @@ class Step:
     config_lib.validate_batch(config, stage, len(devices), jax.process_count())
     self.mesh = part.make_mesh(config)
     self.rules = part.logical_rules(config)
-    tc = config[stage].train
-    task, self.model, local = make(config, self.shapes, batch // jax.process_count())
-    self.task, self.tc, self.local = task, tc, local
-    self.batch_abs = part.abstract_batch(local, self.mesh)
-    tx, schedule = engine.make_optimizer(tc, task)
-    self.tx = tx
-    self.rng = engine._base_rng(config, stage)
-    self._nn, self._jax, self._engine, self._part = nn, jax, engine, part
+    task, self.model, self.local = make(config, self.shapes, batch // jax.process_count())
     with jax.set_mesh(self.mesh), nn.logical_axis_rules(self.rules):
-      abstract, self.shard = engine.state_shardings(task, tx, tc, self.mesh, self.rules, self.rng,
-                                                    self.batch_abs)
-      self.target = ckpt.abstract_with_shardings(abstract, self.shard)
-      batch_shard = {k: v.sharding for k, v in self.batch_abs.items()}
-      step_fn = engine._step_fn(task, tx, schedule, tc)
-      # The engine's step takes (state, batch) or, with Task.frozen support, (state, batch,
-      # frozen); the tokenizer has nothing frozen, so that argument is an empty tree.
-      self.extra_args = ()
-      in_shardings = (self.shard, batch_shard)
-      if 'frozen' in inspect.signature(step_fn).parameters:
-        frozen = {} if getattr(task, 'frozen', None) is None else task.frozen
-        self.extra_args = (frozen,)
-        in_shardings += (jax.tree.map(lambda a: a.sharding, frozen),)
-      self.jitted = jax.jit(step_fn, in_shardings=in_shardings,
-                            out_shardings=(self.shard, part.replicated(self.mesh)),
-                            donate_argnums=0)
+      self.train_step = engine.TrainStep(task, config, stage, self.mesh,
+                                         part.abstract_batch(self.local, self.mesh))
       t0 = time.perf_counter()
-      self.compiled = self.jitted.lower(self.target, self.batch_abs, *self.extra_args).compile()
+      self.compiled = self.train_step.compile()
       self.compile_s = time.perf_counter() - t0
-    self.param_count = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(abstract.params))
+    self.param_count = sum(int(np.prod(x.shape))
+                           for x in jax.tree.leaves(self.train_step.abstract.params))
 
   def memory(self) -> dict:
     mem = self.compiled.memory_analysis()
@@ -183,21 +161,21 @@ class Step:
   def time_steps(self, warmup=2, steps=5, profile_dir=''):
     """Runs the compiled step on random images; returns the per-step wall times (s). With
     `profile_dir`, 3 more steps are traced there (jax.profiler, with a Perfetto trace)."""
-    jax, engine, part, nn = self._jax, self._engine, self._part, self._nn
+    import flax.linen as nn
+    import jax
+    from mars_jax.train import partitioning as part
     rng = np.random.default_rng(0)
     local = {k: (rng.uniform(-1, 1, v.shape).astype(v.dtype) if v.dtype.kind == 'f'
                  else rng.integers(0, 2, v.shape).astype(v.dtype))   # ids 0/1 exist in any vocab
              for k, v in self.local.items()}
     with jax.set_mesh(self.mesh), nn.logical_axis_rules(self.rules):
       batch = part.put_batch(local, self.mesh)
-      init = jax.jit(engine._init_fn(self.task, self.tx, self.tc, self.rng),
-                     out_shardings=self.shard)
-      state = init(batch)
+      state = self.train_step.init(batch)
       jax.block_until_ready(state)
       times = []
       for i in range(warmup + steps):
         t0 = time.perf_counter()
-        state, metrics = self.compiled(state, batch, *self.extra_args)
+        state, metrics = self.train_step.step(state, batch)
         jax.block_until_ready((state, metrics))
         dt = time.perf_counter() - t0
         if i >= warmup:
@@ -207,7 +185,7 @@ class Step:
       if profile_dir:
         with jax.profiler.trace(profile_dir, create_perfetto_trace=True):
           for _ in range(3):
-            state, metrics = self.compiled(state, batch, *self.extra_args)
+            state, metrics = self.train_step.step(state, batch)
           jax.block_until_ready((state, metrics))
     return times
 

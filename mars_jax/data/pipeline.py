@@ -20,7 +20,6 @@ from mars_jax import fs
 from mars_jax.audio import cmx
 from mars_jax.data import records
 
-MANIFEST = 'manifest.json'
 # Per-process read threads and the number of ready batches they may hold. grain's defaults
 # (16 threads, 500 elements) are sized for small records; ours are ~1 MiB batches-of-64.
 READ_THREADS = 4
@@ -33,7 +32,7 @@ class DataError(ValueError):
 
 def load_manifest(data_dir: str) -> dict:
   """Reads DIR/data/manifest.json, which the prepare stage writes last (so it means 'complete')."""
-  path = fs.join(data_dir, MANIFEST)
+  path = fs.join(data_dir, records.MANIFEST)
   if not fs.exists(path):
     raise DataError(f'no dataset manifest at {path}: run the prepare stage first '
                     f'(python -m mars_jax.main --stages=prepare ...).')
@@ -45,7 +44,7 @@ def _check_manifest(manifest: dict, shapes: config_lib.Shapes, config, data_dir:
   """Validates the manifest against the config and the disk; returns the shard paths."""
   splits = manifest.get('splits', {})
   if split not in splits:
-    raise DataError(f'split {split!r} is not in {fs.join(data_dir, MANIFEST)} '
+    raise DataError(f'split {split!r} is not in {fs.join(data_dir, records.MANIFEST)} '
                     f'(it has {sorted(splits)}); rerun the prepare stage.')
   got = tuple(int(v) for v in manifest['spectrogram']['shape'])
   want = tuple(shapes.spectrogram)
@@ -124,7 +123,9 @@ def _process(process_index, process_count):
   return process_index, process_count
 
 
-def _source(config, data_dir, split):
+def open_split(config, data_dir, split):
+  """(random-access grain MapDataset of `split`'s encoded records, Shapes), after checking the
+  manifest against the config and the disk (DataError naming the fix otherwise)."""
   shapes = config_lib.derive(config)
   paths = _check_manifest(load_manifest(data_dir), shapes, config, data_dir, split)
   return grain.MapDataset.source(_array_records(paths)), shapes
@@ -156,7 +157,7 @@ def make_iterator(config, data_dir: str, split: str, *, batch_size: int, shuffle
   seed = int(config.seed if seed is None else seed) % 2**32
   workers = int(config.data.loader_workers if worker_count is None else worker_count)
 
-  ds, shapes = _source(config, data_dir, split)
+  ds, shapes = open_split(config, data_dir, split)
   n = len(ds)
   if shuffle:
     ds = ds.shuffle(seed=seed)
@@ -266,7 +267,7 @@ def eval_batches(config, data_dir: str, split: str, batch_size: int,
   if batch_size % pc:
     raise ValueError(f'global batch_size={batch_size} is not divisible by the {pc} processes.')
   local = batch_size // pc
-  ds, shapes = _source(config, data_dir, split)
+  ds, shapes = open_split(config, data_dir, split)
   n = len(ds) if max_examples is None else min(len(ds), int(max_examples))
   ds = ds[:n].map(_decoder(config, shapes)).map(_with_mask)
   per_process = -(-n // pc)

@@ -1,15 +1,16 @@
-"""The `prepare` stage: audio -> normalised log-magnitude spectrograms in ArrayRecord shards.
+"""Prepared data: audio -> normalised log-magnitude spectrograms in ArrayRecord shards.
 
-Output (a contract other stages read), under DIR/data/:
+Output (a contract other stages read), in the data folder (DIR/data/):
   {split}-{i:05d}-of-{n:05d}.array_record   one record per note (mars_jax.data.records)
   {split}-{i:05d}-of-{n:05d}.done.json      per-shard sidecar: content hash, counts, skips
-  manifest.json                             written last, atomically: the stage is complete
+  manifest.json                             written last, atomically: the data are complete
 
 Spectrograms are stored in (F, T) layout in data.storage_dtype; CMX is applied at load
 time by the input pipeline, so one prepared set serves every cmx.factor / mode.
 One task = one shard, so a killed run loses at most the shards in flight: a rerun keeps
 every shard whose sidecar hash matches its planned content and redoes the rest. Output
-bytes depend only on the config, not on the number of worker processes.
+bytes depend only on the config, not on the number of worker processes. The `prepare`
+stage (mars_jax.stages.prepare) decides when to call `write`.
 """
 from __future__ import annotations
 
@@ -27,44 +28,29 @@ import types
 import numpy as np
 
 from mars_jax import fs
-from mars_jax.config import ConfigError, derive, fingerprint
+from mars_jax import progress
+from mars_jax.data import records
+from mars_jax.config import NOT_CONTENT, ConfigError, derive, fingerprint
 
 FORMAT = 1
 SHARD_RE = re.compile(r'^(train|valid|test)-\d{5}-of-\d{5}\.(array_record|done\.json)$')
 NSYNTH_NOTES = 305_979   # train 289,205 + valid 12,678 + test 4,096
-
-
-def data_dir(workdir):
-  return fs.join(workdir, 'data')
-
-
-def manifest_path(workdir):
-  return fs.join(data_dir(workdir), 'manifest.json')
-
-
-# Fields that change how fast prepare runs or how audio is decoded later, not what it writes.
-_NOT_CONTENT = ('data.prepare_workers', 'data.loader_workers', 'spectrogram.griffin_lim_iters',
-                'spectrogram.griffin_lim_momentum')
+SECTIONS = ('seed', 'data', 'spectrogram')   # the config sections the data depend on
 
 
 def config_hash(config) -> str:
-  return fingerprint(config, 'seed', 'data', 'spectrogram', exclude=_NOT_CONTENT)
+  return fingerprint(config, *SECTIONS, exclude=NOT_CONTENT)
 
 
-def load_manifest(workdir):
-  return json.loads(fs.read_text(manifest_path(workdir)))
-
-
-def is_complete(config, workdir) -> bool:
-  """True iff the manifest exists, matches this config, and every shard it names exists with the
-  size its sidecar recorded (a truncated shard is redone by the next run)."""
+def is_prepared(config, d) -> bool:
+  """True iff folder `d` holds a manifest of this config and every shard it names exists with
+  the size its sidecar recorded (a truncated shard is redone by the next run)."""
   try:
-    m = load_manifest(workdir)
+    m = json.loads(fs.read_text(fs.join(d, records.MANIFEST)))
   except (OSError, ValueError):
     return False
   if m.get('format') != FORMAT or m.get('config_hash') != config_hash(config):
     return False
-  d = data_dir(workdir)
   return all(damaged_shard(d, s) is None
              for sp in m.get('splits', {}).values() for s in sp.get('shards', []))
 
@@ -84,21 +70,6 @@ def damaged_shard(d, name) -> str | None:
   if want is not None and got != want:
     return f'{p} has {got} bytes, {want} when written (truncated or damaged)'
   return None
-
-
-def _refuse_replacing_trained_data(config, workdir, chash):
-  """Data prepared for another config stay while checkpoints trained on them exist: replacing
-  them would leave models whose pitch range and vocabulary no longer match their data."""
-  from mars_jax import workdir as workdir_lib
-  old = workdir_lib.manifest_hash(workdir)
-  if old is None or old == chash:
-    return
-  held = [t.path for t, _ in workdir_lib.foreign_checkpoints(config, workdir)]
-  if held:
-    raise ConfigError(
-        f'{data_dir(workdir)} holds data prepared for another config ({old}; this config {chash}) '
-        f'and {", ".join(held)} hold checkpoints trained on them; nothing was changed. Use a new '
-        f'--workdir for this config, or rerun the CLI with --force to delete those checkpoints.')
 
 
 LABEL_MAX_CHARS = 200
@@ -184,7 +155,7 @@ def _shard_done(d, task):
 def prepare_shard(task, params, d):
   """Worker body: decodes, fixes and transforms one shard's clips, writes it, then its sidecar."""
   from mars_jax.audio.spectrogram import spectrogram
-  from mars_jax.data import audio_io, records
+  from mars_jax.data import audio_io
   t0, c0 = time.perf_counter(), time.process_time()
   spec_cfg = types.SimpleNamespace(n_fft=params['n_fft'], hop=params['hop'],
                                    log_eps=params['log_eps'], log_max=params['log_max'])
@@ -236,20 +207,11 @@ def _workers(config, n_tasks):
   return max(1, min(w, n_tasks))
 
 
-def _log(msg):
-  print(msg, flush=True)
-
-
-def run(config, workdir, log=_log):
-  """Prepares DIR/data for `config` (reusing matching shards); returns the manifest."""
+def write(config, d, log):
+  """Prepares folder `d` for `config`, reusing matching shards; returns the manifest."""
   from mars_jax.data import sources
   shapes = derive(config)
   chash = config_hash(config)
-  d = data_dir(workdir)
-  if is_complete(config, workdir):
-    log(f'[prepare] {d}: complete (config {chash}), nothing to do')
-    return load_manifest(workdir)
-  _refuse_replacing_trained_data(config, workdir, chash)
   per_shard = int(config.data.examples_per_shard)
   if per_shard < 1:
     raise ConfigError(f'data.examples_per_shard={per_shard} must be >= 1, e.g. 2048.')
@@ -260,8 +222,8 @@ def run(config, workdir, log=_log):
   params = _params(config, shapes)
   tasks = _plan(source, vocab, params, per_shard)
   data = fs.makedirs(d)
-  # Invalidate first: from here until the new manifest lands, the stage is incomplete.
-  manifest = fs.path(manifest_path(workdir))
+  # Invalidate first: from here until the new manifest lands, the data are incomplete.
+  manifest = fs.path(fs.join(d, records.MANIFEST))
   if manifest.exists():
     manifest.unlink()
   planned = {t['stem'] + ext for t in tasks for ext in ('.array_record', '.done.json')}
@@ -282,11 +244,14 @@ def run(config, workdir, log=_log):
   t_work = time.perf_counter()
   jobs = [(t, params, d) for t in todo]
 
+  # prepare runs on process 0 only (mars_jax.main): no need to ask jax which process this is.
+  bar = progress.Progress('prepare', len(tasks), 'shards', start=len(results), process_index=0)
+  skipped = []
+
   def report(stem, done):
     results[stem] = done
-    log(f'[prepare] {stem}: {done["count"]}/{done["clips"]} clips, '
-        f'{len(done["skipped"])} skipped, {done["bytes"] / 1e6:.1f} MB, {done["seconds"]:.1f} s '
-        f'({len(results)}/{len(tasks)} shards)')
+    skipped.extend(done['skipped'])
+    bar.update(len(results), skipped=len(skipped))
 
   if workers == 1:
     for job in jobs:
@@ -303,11 +268,12 @@ def run(config, workdir, log=_log):
         for f in futures:
           f.cancel()
         raise
+  bar.close()
   work_s = time.perf_counter() - t_work
 
   manifest = _manifest(config, shapes, chash, vocab, source, tasks, results)
   _check_splits(manifest, d)
-  _atomic_json(manifest_path(workdir), manifest)
+  _atomic_json(fs.join(d, records.MANIFEST), manifest)
   _summary(manifest, config, shapes, n_clips, work_s, time.perf_counter() - t0, workers, log)
   return manifest
 

@@ -13,6 +13,7 @@ import numpy as np
 from mars_jax import fs
 
 LABELS = ('pitch', 'velocity', 'family', 'instrument')
+MANIFEST = 'manifest.json'   # in the data folder beside the shards, written last
 
 
 def encode(spec: np.ndarray, labels: dict, name: str = '') -> bytes:

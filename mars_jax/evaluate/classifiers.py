@@ -1,10 +1,10 @@
-"""Stage-side glue for the evaluation classifiers: train through the engine, load, run.
+"""The evaluation classifiers: their training task, and running them over many images.
 
 Two classifiers read the same CMX image the tokenizer sees: 'pitch' (num_pitches classes,
 midi - pitch_lo) and 'instrument' (the vocabulary of config.data.instrument_label). They live in
 DIR/eval/{pitch,instrument}_classifier/ with the engine's checkpoints and metrics.jsonl, so a
 killed run resumes and a finished one is skipped (fingerprint over the config sections that
-change them, 'classifier' included).
+change them, 'classifier' included). mars_jax.trained builds and loads them.
 """
 from __future__ import annotations
 
@@ -14,58 +14,29 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from mars_jax import config as config_lib
-from mars_jax import fs
-from mars_jax.data import pipeline
-from mars_jax.data import prepare
-from mars_jax.models.classifier import Classifier
-from mars_jax.stages import common
-from mars_jax.train import checkpoint, engine, partitioning
+from mars_jax import progress
+from mars_jax import trained
+from mars_jax import workdir as workdir_lib
+from mars_jax.train import engine, partitioning
 
-TARGETS = ('pitch', 'instrument')
-
-
-def stage_dir(workdir, target):
-  return fs.join(workdir, 'eval', f'{target}_classifier')
-
-
-def fingerprint(config, target):
-  """Changes iff the classifier's training data, input or hyper-parameters change."""
-  return config_lib.fingerprint(config, 'seed', 'data', 'spectrogram', 'cmx', 'classifier',
-                                exclude=prepare._NOT_CONTENT) + f'-{target}'
-
-
-def num_classes(config, workdir, target, shapes=None):
-  shapes = shapes or config_lib.derive(config)
-  if target == 'pitch':
-    return shapes.num_pitches
-  vocab = pipeline.load_manifest(common.data_dir(workdir))['vocab']
-  return len(vocab[config.data.instrument_label])
-
-
-def build_model(config, classes):
-  dtype = jnp.bfloat16 if config.classifier.train.compute_dtype == 'bfloat16' else jnp.float32
-  return Classifier(num_classes=classes, widths=tuple(config.classifier.widths), dtype=dtype)
+TARGETS = workdir_lib.CLASSIFIER_TARGETS
 
 
 def make_task(config, target, classes):
   """Softmax cross-entropy on batch[target]; eval reports masked loss and accuracy."""
   if target not in TARGETS:
     raise ValueError(f'classifier target {target!r}: use one of {TARGETS}')
-  model = build_model(config, classes)
+  model = trained.build_classifier(config, classes)
 
-  def init(rng, batch):
-    return model.init(rng, batch['image'])['params']
-
-  def loss(params, batch, rng, step):
+  def loss(params, batch, rng, step, frozen):
     logits, _ = model.apply({'params': params}, batch['image'])
     logits = logits.astype(jnp.float32)
     labels = batch[target]
     ce = optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
     acc = jnp.mean((logits.argmax(-1) == labels).astype(jnp.float32))
-    return ce, {'accuracy': acc}
+    return engine.Loss(ce, {'accuracy': acc})
 
-  def eval_fn(params, batch):
+  def eval_fn(params, batch, frozen):
     logits, _ = model.apply({'params': params}, batch['image'])
     logits = logits.astype(jnp.float32)
     mask = batch['mask'].astype(jnp.float32)
@@ -74,42 +45,19 @@ def make_task(config, target, classes):
     hit = (logits.argmax(-1) == batch[target]).astype(jnp.float32)
     return {'loss': jnp.sum(ce * mask) / n, 'accuracy': jnp.sum(hit * mask) / n}
 
-  return engine.Task(init=init, loss=loss, eval_fn=eval_fn), model
+  return engine.Task(init=trained.classifier_init(model), loss=loss, eval_fn=eval_fn), model
 
 
-def is_trained(config, workdir, target):
-  return common.is_complete(stage_dir(workdir, target), fingerprint(config, target))
-
-
-def train(config, workdir, target, log=print):
+def train(config, workdir, target, log=progress.say):
   """Trains (or resumes) one classifier on the prepared train split; skipped when complete."""
-  sdir = stage_dir(workdir, target)
-  fp = fingerprint(config, target)
-  if common.is_complete(sdir, fp):
+  folder = workdir_lib.classifier_dir(workdir, target)
+  fp = workdir_lib.classifier_fingerprint(config, target)
+  if workdir_lib.is_complete(folder, fp):
     log(f'[evaluate] {target} classifier: trained and matching the config, skipped')
     return
-  common.claim(sdir, fp, f'{target} classifier')
-  data_dir = common.data_dir(workdir)
-  tc = config.classifier.train
-  task, _ = make_task(config, target, num_classes(config, workdir, target))
-  eval_bs = max(tc.batch_size // jax.process_count(), 1) * jax.process_count()
-  state = engine.train(
-      task, config, 'classifier', sdir,
-      train_iter_fn=lambda: pipeline.make_iterator(config, data_dir, 'train',
-                                                   batch_size=tc.batch_size),
-      eval_iter_fn=lambda: pipeline.eval_batches(config, data_dir, 'valid', batch_size=eval_bs))
-  common.mark_complete(sdir, fp, step=int(jax.device_get(state.step)))
-
-
-def load(config, workdir, target, mesh):
-  """(params sharded on `mesh`, model) of a trained classifier."""
-  shapes = config_lib.derive(config)
-  task, model = make_task(config, target, num_classes(config, workdir, target, shapes))
-  rows = max(mesh.size // jax.process_count(), 1)
-  sample = {'image': np.zeros((rows,) + shapes.image, np.float32)}
-  target_tree = engine.abstract_params(task, config, mesh, sample)
-  params = checkpoint.restore_params(checkpoint.ckpt_dir(stage_dir(workdir, target)), target_tree)
-  return params, model
+  workdir_lib.claim(folder, fp, f'{target} classifier')
+  task, _ = make_task(config, target, trained.classifier_classes(config, workdir, target))
+  trained.train(task, config, 'classifier', folder, workdir, fp)
 
 
 _JIT_CACHE = {}

@@ -16,6 +16,7 @@ import time
 import numpy as np
 
 from mars_jax import fs
+from mars_jax import workdir as workdir_lib
 from mars_jax.evaluate import images
 
 IMG_SIDE = 256   # spectrogram PNGs are average-pooled to at most this many pixels a side
@@ -328,7 +329,7 @@ evaluated.</p>
 
 def write_report(config, workdir, metrics, grid, triples=(), path=None):
   """Renders DIR/report.html (atomically) and returns its path."""
-  path = path or fs.join(workdir, 'report.html')
+  path = path or fs.join(workdir, workdir_lib.REPORT)
   page = render(metrics, load_curves(workdir), grid, config.spectrogram, triples,
                 note=f'workdir {fs.absolute(workdir)}; data.source={config.data.source}.')
   fs.write_text(path, page)

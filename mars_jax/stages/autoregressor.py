@@ -8,22 +8,15 @@ at the price of a second dataset format and a re-run whenever the tokenizer chan
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from mars_jax import config as config_lib
-from mars_jax import fs
-from mars_jax.data import pipeline
+from mars_jax import trained
+from mars_jax import workdir as workdir_lib
 from mars_jax.models import autoregressor as ar
 from mars_jax.models.tokenizer import Tokenizer
-from mars_jax.stages import common
-from mars_jax.stages import tokenizer as tok_stage
-from mars_jax.train import checkpoint, engine, partitioning
+from mars_jax.train import engine, partitioning
 
 NAME = 'autoregressor'
-
-
-def num_instruments(config, manifest):
-  return len(manifest['vocab'][config.data.instrument_label])
 
 
 def token_targets(tok_model, tok_params, images):
@@ -47,12 +40,7 @@ def _scores(logits, flat, scales):
 def make_task(config, shapes, n_instruments, tok_model, tok_params=None):
   """The VAR as an engine Task; `tok_params` (sharded arrays) ride along as `frozen`."""
   model = ar.from_config(config, shapes, n_instruments)
-  first = shapes.scales[0] ** 2
-
-  def init(rng, batch):
-    b = batch['image'].shape[0]
-    teacher = jnp.zeros((b, shapes.num_tokens - first, shapes.latent[-1]), jnp.float32)
-    return model.init({'params': rng}, batch['pitch'], batch['instrument'], teacher)['params']
+  init = trained.var_init(model, shapes)
 
   def loss(params, batch, rng, step, frozen):
     flat, teacher = token_targets(tok_model, frozen, batch['image'])
@@ -60,7 +48,8 @@ def make_task(config, shapes, n_instruments, tok_model, tok_params=None):
                          train=True, rngs={'dropout': rng})
     nll, hit, per_scale = _scores(logits, flat, shapes.scales)
     value = nll.mean()
-    return value, {'loss': value, 'acc': hit.mean(), **{k: v.mean() for k, v in per_scale.items()}}
+    return engine.Loss(value, {'loss': value, 'acc': hit.mean(),
+                               **{k: v.mean() for k, v in per_scale.items()}})
 
   def eval_fn(params, batch, frozen):
     flat, teacher = token_targets(tok_model, frozen, batch['image'])
@@ -75,45 +64,23 @@ def make_task(config, shapes, n_instruments, tok_model, tok_params=None):
   return engine.Task(init=init, loss=loss, eval_fn=eval_fn, frozen=tok_params), model
 
 
-def _stage_dir(workdir):
-  return fs.join(workdir, NAME)
-
-
-def fingerprint(config):
-  return common.stage_fingerprint(config, 'tokenizer', 'autoregressor')
-
-
 def is_complete(config, workdir):
-  return common.is_complete(_stage_dir(workdir), fingerprint(config))
-
-
-def _mesh(config):
-  return partitioning.make_mesh(config)
+  return workdir_lib.complete(config, workdir, NAME)
 
 
 def run(config, workdir):
   shapes = config_lib.derive(config)
-  if not tok_stage.is_complete(config, workdir):
+  if not workdir_lib.complete(config, workdir, 'tokenizer'):
     raise config_lib.ConfigError(
         f'the autoregressor needs a trained tokenizer for this config in {workdir}/tokenizer; '
         f'run --stages=tokenizer first.')
-  stage_dir = _stage_dir(workdir)
-  fp = fingerprint(config)
-  common.claim(stage_dir, fp, NAME)
-  manifest = pipeline.load_manifest(common.data_dir(workdir))
+  stage_dir = workdir_lib.stage_dir(workdir, NAME)
+  fp = workdir_lib.fingerprint(config, NAME)
+  workdir_lib.claim(stage_dir, fp, NAME)
+  manifest = workdir_lib.load_manifest(workdir)
   config_lib.validate_batch(config, NAME, jax.device_count(), jax.process_count())
-  mesh = _mesh(config)
-  tok_params, tok_model = tok_stage.load_params(config, workdir, mesh)
-  task, _ = make_task(config, shapes, num_instruments(config, manifest), tok_model, tok_params)
-  common.train_on_prepared(task, config, NAME, stage_dir, workdir, fp)
-
-
-def load_params(config, workdir, mesh, n_instruments):
-  """The trained VAR's params (EMA when kept), sharded on `mesh`, and the model."""
-  shapes = config_lib.derive(config)
-  task, model = make_task(config, shapes, n_instruments, tok_model=None)
-  rows = max(mesh.size // jax.process_count(), 1)
-  sample = {'image': np.zeros((rows,) + shapes.image, np.float32),
-            'pitch': np.zeros((rows,), np.int32), 'instrument': np.zeros((rows,), np.int32)}
-  target = engine.abstract_params(task, config, mesh, sample)
-  return checkpoint.restore_params(checkpoint.ckpt_dir(_stage_dir(workdir)), target), model
+  mesh = partitioning.make_mesh(config)
+  tok_params, tok_model = trained.load_tokenizer(config, workdir, mesh)
+  task, _ = make_task(config, shapes, trained.num_instruments(config, manifest), tok_model,
+                      tok_params)
+  trained.train(task, config, NAME, stage_dir, workdir, fp)

@@ -42,11 +42,13 @@ import numpy as np
 
 from mars_jax import config as config_lib
 from mars_jax import fs
+from mars_jax import progress
+from mars_jax import trained
+from mars_jax import workdir as workdir_lib
 from mars_jax.audio import cmx as cmx_lib
 from mars_jax.audio import spectrogram as spec_lib
-from mars_jax.data import audio_io, pipeline, prepare, records
+from mars_jax.data import audio_io, pipeline, records
 from mars_jax.evaluate import ceilings, classifiers, metrics as M, report
-from mars_jax.stages import common
 from mars_jax.train import partitioning
 
 NAME = 'evaluate'
@@ -57,18 +59,10 @@ PITCH_ACC = ('pitch_exact', 'pitch_within_semitone', 'pitch_detected')
 CLF_ACC = ('clf_pitch_match', 'clf_instrument_match')
 
 
-def eval_dir(workdir):
-  return fs.join(workdir, 'eval')
-
-
-def _samples_dir(workdir):
-  return fs.join(workdir, 'samples')
-
-
 def _samples_hash(workdir):
   """Content hash of samples.json and every wav it lists: new samples invalidate the result."""
   h = hashlib.sha256()
-  path = fs.join(_samples_dir(workdir), 'samples.json')
+  path = fs.join(workdir_lib.samples_dir(workdir), workdir_lib.SAMPLES_JSON)
   try:
     blob = fs.read_bytes(path)
   except OSError:
@@ -80,22 +74,21 @@ def _samples_hash(workdir):
     return h.hexdigest()[:16]
   for e in entries if isinstance(entries, list) else []:
     try:
-      h.update(fs.read_bytes(fs.join(_samples_dir(workdir), str(e.get('file')))))
+      h.update(fs.read_bytes(fs.join(workdir_lib.samples_dir(workdir), str(e.get('file')))))
     except (OSError, AttributeError):
       h.update(b'missing')
   return h.hexdigest()[:16]
 
 
 def fingerprint(config, workdir):
-  cfg = config_lib.fingerprint(config, 'seed', 'data', 'spectrogram', 'cmx', 'tokenizer',
-                               'classifier', 'evaluate', exclude=prepare._NOT_CONTENT)
-  return f'{cfg}-{_samples_hash(workdir)}'
+  return f'{workdir_lib.fingerprint(config, NAME)}-{_samples_hash(workdir)}'
 
 
 def is_complete(config, workdir):
-  return (common.is_complete(eval_dir(workdir), fingerprint(config, workdir))
-          and fs.exists(fs.join(eval_dir(workdir), 'metrics.json'))
-          and fs.exists(fs.join(workdir, 'report.html')))
+  edir = workdir_lib.eval_dir(workdir)
+  return (workdir_lib.is_complete(edir, fingerprint(config, workdir))
+          and fs.exists(fs.join(edir, workdir_lib.METRICS_JSON))
+          and fs.exists(fs.join(workdir, workdir_lib.REPORT)))
 
 
 # --- inputs ------------------------------------------------------------------------------------
@@ -103,7 +96,7 @@ def is_complete(config, workdir):
 
 def load_samples(config, workdir, vocab):
   """samples.json -> (entries, requested pitch midi (N,), instrument index (N,))."""
-  path = fs.join(_samples_dir(workdir), 'samples.json')
+  path = fs.join(workdir_lib.samples_dir(workdir), workdir_lib.SAMPLES_JSON)
   if not fs.exists(path):
     raise FileNotFoundError(f'no {path}: run the sample stage first '
                             f'(python -m mars_jax.main --stages=sample ...).')
@@ -130,7 +123,7 @@ def load_waves(config, workdir, entries):
   bad = 0
   for i, e in enumerate(entries):
     try:
-      waves[i], _ = audio_io.load_clip(fs.join(_samples_dir(workdir), e['file']), sr,
+      waves[i], _ = audio_io.load_clip(fs.join(workdir_lib.samples_dir(workdir), e['file']), sr,
                                        shapes.n_samples, float('-inf'))   # local or gs://
     except audio_io.BadAudio:
       bad += 1
@@ -141,7 +134,7 @@ class RealSplit:
   """A seeded random subset (<= max_real) of one prepared split, read record by record."""
 
   def __init__(self, config, workdir, split):
-    self.ds, self.shapes = pipeline._source(config, common.data_dir(workdir), split)
+    self.ds, self.shapes = pipeline.open_split(config, workdir_lib.data_dir(workdir), split)
     n = len(self.ds)
     cap = int(config.evaluate.max_real)
     idx = np.arange(n)
@@ -187,7 +180,8 @@ class Featuriser:
   def __init__(self, config, workdir, mesh):
     self.config, self.mesh = config, mesh
     self.shapes = config_lib.derive(config)
-    self.models = {t: classifiers.load(config, workdir, t, mesh) for t in classifiers.TARGETS}
+    self.models = {t: trained.load_classifier(config, workdir, t, mesh)
+                   for t in classifiers.TARGETS}
     self.tok = None
     self.workdir = workdir
 
@@ -216,8 +210,7 @@ class Featuriser:
 
   def tokenizer(self):
     if self.tok is None:
-      from mars_jax.stages import tokenizer as tok_stage
-      self.tok = tok_stage.load_params(self.config, self.workdir, self.mesh)
+      self.tok = trained.load_tokenizer(self.config, self.workdir, self.mesh)
     return self.tok
 
   def round_trip(self, specs):
@@ -333,7 +326,7 @@ def ceiling_indices(config, n):
       np.zeros(0, int)
 
 
-def compute_ceilings(config, feat, split, test, train, pitch_lo, log=print):
+def compute_ceilings(config, feat, split, test, train, pitch_lo, log=progress.say):
   """Real -> Griffin-Lim -> tokenizer round trip on the same held-out notes, same estimators.
 
   Returns (metrics, n notes, triples): triples are a few notes per instrument for the report,
@@ -346,6 +339,7 @@ def compute_ceilings(config, feat, split, test, train, pitch_lo, log=print):
   show = set(ceilings.spread(test['instrument'][js], int(ev.report_triples),
                              max(1, int(ev.report_grid)), key=test['pitch'][js]))
   parts, gl_parts, recon_parts, triples = [], [], [], []
+  bar = progress.Progress('evaluate', len(js), 'ceiling notes', every=CHUNK)
   for i in range(0, len(js), CHUNK):
     sel = js[i:i + CHUNK]
     specs = np.stack([split.record(j)['spec'] for j in sel])                 # (n, F, T)
@@ -364,6 +358,8 @@ def compute_ceilings(config, feat, split, test, train, pitch_lo, log=print):
                         'real': (specs[k], real[k]),
                         'gl': (outs['gl_spec'][k], outs['gl_wave'][k]),
                         'recon': (outs['recon_audio_spec'][k], outs['recon_wave'][k])})
+    bar.update(i + len(sel))
+  bar.close()
   out = _weighted(parts) if parts else {}
   labels = {'pitch': test['pitch'][js], 'instrument': test['instrument'][js]}
   for prefix, fparts in (('gl_', gl_parts), ('recon_', recon_parts)):
@@ -383,11 +379,11 @@ def add_standard_errors(out, counts):
   return out
 
 
-def compute(config, workdir, mesh=None, log=print):
+def compute(config, workdir, mesh=None, log=progress.say):
   """All metrics plus what the report needs; trains nothing (classifiers must exist)."""
   shapes = config_lib.derive(config)
   mesh = mesh or partitioning.make_mesh(config)
-  vocab = pipeline.load_manifest(common.data_dir(workdir))['vocab']
+  vocab = workdir_lib.load_manifest(workdir)['vocab']
   sr = int(config.spectrogram.sample_rate)
   t0 = time.time()
   feat = Featuriser(config, workdir, mesh)
@@ -487,21 +483,21 @@ def _json_value(v):
   return v
 
 
-def run(config, workdir, log=print):
-  edir = eval_dir(workdir)
+def run(config, workdir, log=progress.say):
+  edir = workdir_lib.eval_dir(workdir)
   fp = fingerprint(config, workdir)
-  common.claim(edir, fp, NAME)
+  workdir_lib.claim(edir, fp, NAME)
   for t in classifiers.TARGETS:
     classifiers.train(config, workdir, t, log=log)
   mesh = partitioning.make_mesh(config)
   out, extras = compute(config, workdir, mesh, log=log)
   if jax.process_index() == 0:
-    fs.write_text(fs.join(edir, 'metrics.json'),
+    fs.write_text(fs.join(edir, workdir_lib.METRICS_JSON),
                   json.dumps({k: _json_value(v) for k, v in out.items()}, indent=1,
                              sort_keys=True))
     grid = grid_cells(config, extras)
     names = extras['vocab']
     triples = [{**t, 'instrument': names[t['instrument']]} for t in extras['triples']]
     report.write_report(config, workdir, out, grid, triples)
-    common.mark_complete(edir, fp)
+    workdir_lib.mark_complete(edir, fp)
   return out

@@ -6,19 +6,15 @@ import jax
 
 from mars_jax import config as config_lib
 from mars_jax import fs
+from mars_jax import progress
+from mars_jax import workdir as workdir_lib
 from mars_jax.sample import Generator, save_wav
-from mars_jax.stages import autoregressor as ar_stage
-from mars_jax.stages import common
 
-NAME = 'samples'
-
-
-def fingerprint(config):
-  return common.stage_fingerprint(config, 'tokenizer', 'autoregressor', 'sample')
+NAME = 'sample'
 
 
 def is_complete(config, workdir):
-  return common.is_complete(fs.join(workdir, NAME), fingerprint(config))
+  return workdir_lib.complete(config, workdir, NAME)
 
 
 def requests(config, pitches, instruments):
@@ -58,17 +54,18 @@ def _gcd(a, b):
 
 def run(config, workdir):
   config_lib.derive(config)
-  if not ar_stage.is_complete(config, workdir):
+  if not workdir_lib.complete(config, workdir, 'autoregressor'):
     raise config_lib.ConfigError(f'sampling needs a trained autoregressor for this config in '
                                  f'{workdir}/autoregressor; run --stages=autoregressor first.')
-  out = fs.join(workdir, NAME)
-  fp = fingerprint(config)
-  common.claim(out, fp, NAME)
+  out = workdir_lib.samples_dir(workdir)
+  fp = workdir_lib.fingerprint(config, NAME)
+  workdir_lib.claim(out, fp, 'samples')
   gen = Generator.from_workdir(workdir, config)
   reqs = requests(config, gen.pitches, gen.instruments)
   s = config.sample
   entries = []
   bs = max(1, s.batch_size)
+  bar = progress.Progress('sample', len(reqs), 'notes', every=bs)
   for start in range(0, len(reqs), bs):
     chunk = reqs[start:start + bs]
     seeds = [s.seed + start + j for j in range(len(chunk))]
@@ -81,7 +78,8 @@ def run(config, workdir):
                       'instrument_label': config.data.instrument_label, 'seed': seed,
                       'cfg': float(s.cfg), 'top_k': int(s.top_k), 'top_p': float(s.top_p),
                       'sample_rate': gen.sample_rate, 'duration': float(config.spectrogram.duration)})
-    print(f'[sample] {min(start + bs, len(reqs))}/{len(reqs)} notes', flush=True)
+    bar.update(min(start + bs, len(reqs)))
+  bar.close()
   if jax.process_index() == 0:
-    fs.write_text(fs.join(out, 'samples.json'), json.dumps(entries, indent=1))
-  common.mark_complete(out, fp, count=len(entries))
+    fs.write_text(fs.join(out, workdir_lib.SAMPLES_JSON), json.dumps(entries, indent=1))
+  workdir_lib.mark_complete(out, fp, count=len(entries))

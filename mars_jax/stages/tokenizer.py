@@ -1,4 +1,5 @@
 """`tokenizer` stage: trains the multi-scale VQ tokenizer on prepared CMX images."""
+import dataclasses
 import functools
 
 import jax
@@ -7,55 +8,22 @@ import numpy as np
 
 from mars_jax import config as config_lib
 from mars_jax import fs
+from mars_jax import trained
+from mars_jax import workdir as workdir_lib
 from mars_jax.audio import cmx as cmx_lib
 from mars_jax.audio import griffin_lim
 from mars_jax.data import pipeline
 from mars_jax.evaluate import ceilings, images
 from mars_jax.models import quantizer as quant_lib
-from mars_jax.models.tokenizer import (PatchDiscriminator, Tokenizer, adaptive_gan_weight,
-                                       hinge_d_loss, hinge_g_loss, tokenizer_loss)
-from mars_jax.stages import common
-from mars_jax.train import checkpoint, engine
+from mars_jax.models.tokenizer import (adaptive_gan_weight, hinge_d_loss, hinge_g_loss,
+                                       tokenizer_loss)
+from mars_jax.train import engine
 
 NAME = 'tokenizer'
 RESEED_EVERY = 50  # steps over which a code must go unused to count as dead
 PITCH_EVAL_NOTES = 32  # held-out notes whose round-trip pitch (pyin) is logged at each eval
 # The decoder's last layer, where VQGAN's adaptive GAN weight compares gradient norms.
 LAST_LAYER = ('decoder', 'conv_out', 'Conv_0', 'kernel')
-
-
-def build_model(config, shapes=None):
-  shapes = shapes or config_lib.derive(config)
-  dtype = jnp.bfloat16 if config.tokenizer.train.compute_dtype == 'bfloat16' else jnp.float32
-  return Tokenizer.from_config(config.tokenizer, shapes, dtype=dtype)
-
-
-def gan_enabled(config) -> bool:
-  """tokenizer.gan_weight > 0 turns the hinge-GAN on (params become {'tokenizer', 'discriminator'})."""
-  return float(config.tokenizer.gan_weight) > 0
-
-
-def build_discriminator(config, shapes=None):
-  """The PatchGAN discriminator. Optional config keys: tokenizer.disc_channels (default 64, VQGAN's
-  ndf) and tokenizer.disc_layers (default 0 = the most layers, up to VQGAN's 3, that still leave at
-  least 2x2 logits on the CMX image)."""
-  shapes = shapes or config_lib.derive(config)
-  tcfg = config.tokenizer
-  dtype = jnp.bfloat16 if tcfg.train.compute_dtype == 'bfloat16' else jnp.float32
-  layers = int(tcfg.get('disc_layers', 0) or 0)
-  if layers <= 0:
-    side = min(shapes.image[0], shapes.image[1])
-    layers = 3
-    while layers > 1 and side // 2 ** layers - 2 < 2:
-      layers -= 1
-  return PatchDiscriminator(channels=int(tcfg.get('disc_channels', 64)), num_layers=layers,
-                            dtype=dtype)
-
-
-def tokenizer_params(config, params):
-  """The tokenizer's own params out of the stage's params tree (which holds the discriminator
-  too when the GAN is on)."""
-  return params['tokenizer'] if gan_enabled(config) else params
 
 
 def _get(tree, path):
@@ -79,26 +47,21 @@ def make_task(config, shapes=None):
   pass (one optimizer) trains both; lambda = gan_weight * VQGAN's adaptive weight (stop-gradient).
   """
   shapes = shapes or config_lib.derive(config)
-  model = build_model(config, shapes)
+  model = trained.build_tokenizer(config, shapes)
   tcfg = config.tokenizer
-  gan = gan_enabled(config)
-  disc = build_discriminator(config, shapes) if gan else None
-  tok = functools.partial(tokenizer_params, config)
+  gan = trained.gan_enabled(config)
+  disc = trained.build_discriminator(config, shapes) if gan else None
+  tok = functools.partial(trained.tokenizer_params, config)
+  init = trained.tokenizer_init(config, model, disc)
 
-  def init(rng, batch):
-    params = model.init({'params': rng, 'dropout': rng}, batch['image'])['params']
-    if not gan:
-      return params
-    d_params = disc.init(jax.random.fold_in(rng, 0xD15C), batch['image'])['params']
-    return {'tokenizer': params, 'discriminator': d_params}
-
-  def plain_loss(params, batch, rng, step):
+  def plain_loss(params, batch, rng, step, frozen):
     recon, aux = model.apply({'params': params}, batch['image'], train=True,
                              rngs={'dropout': rng})
     value, metrics = tokenizer_loss(recon, batch['image'], aux, tcfg)
-    return value, metrics, {'counts': aux['code_counts'].sum(0), 'pool': aux['residuals']}
+    return engine.Loss(value, metrics, {'counts': aux['code_counts'].sum(0),
+                                        'pool': aux['residuals']})
 
-  def gan_loss(params, batch, rng, step):
+  def gan_loss(params, batch, rng, step, frozen):
     t_params, d_params = params['tokenizer'], params['discriminator']
     x = batch['image'].astype(jnp.float32)
 
@@ -140,7 +103,8 @@ def make_task(config, shapes=None):
                    gan_weight_adaptive=lam, gan_active=active.astype(jnp.float32),
                    logits_real=jnp.mean(logits_real), logits_fake=jnp.mean(logits_fake))
     metrics['loss'] = total
-    return total, metrics, {'counts': aux['code_counts'].sum(0), 'pool': aux['residuals']}
+    return engine.Loss(total, metrics, {'counts': aux['code_counts'].sum(0),
+                                        'pool': aux['residuals']})
 
   def init_extra(rng, params):
     return {'counts': jnp.zeros((tcfg.codebook_size,), jnp.float32),
@@ -158,7 +122,7 @@ def make_task(config, shapes=None):
     params = {**params, 'tokenizer': t_params} if gan else t_params
     return params, {'counts': jnp.where(due, 0.0, counts), 'since': jnp.where(due, 0, since)}
 
-  def eval_fn(params, batch):
+  def eval_fn(params, batch, frozen):
     recon, _ = model.apply({'params': tok(params)}, batch['image'])
     mask = batch['mask'].astype(jnp.float32)
     n = jnp.maximum(mask.sum(), 1.0)
@@ -173,21 +137,13 @@ def make_task(config, shapes=None):
                      cast_params=False), model
 
 
-def _stage_dir(workdir):
-  return fs.join(workdir, NAME)
-
-
-def fingerprint(config):
-  return common.stage_fingerprint(config, 'tokenizer')
-
-
 def is_complete(config, workdir):
-  return common.is_complete(_stage_dir(workdir), fingerprint(config))
+  return workdir_lib.complete(config, workdir, NAME)
 
 
 def _eval_examples(config, workdir, n=4):
   """A fixed handful of held-out examples for the images/audio written at each eval."""
-  it = pipeline.eval_batches(config, common.data_dir(workdir), 'valid', batch_size=n,
+  it = pipeline.eval_batches(config, workdir_lib.data_dir(workdir), 'valid', batch_size=n,
                              max_examples=n)
   return next(iter(it))
 
@@ -256,27 +212,13 @@ def make_on_eval(config, model, shapes, examples, pitch_eval=None):
 
 def run(config, workdir):
   shapes = config_lib.derive(config)
-  stage_dir = _stage_dir(workdir)
-  fp = fingerprint(config)
-  common.claim(stage_dir, fp, NAME)
+  stage_dir = workdir_lib.stage_dir(workdir, NAME)
+  fp = workdir_lib.fingerprint(config, NAME)
+  workdir_lib.claim(stage_dir, fp, NAME)
   task, model = make_task(config, shapes)
   examples = _eval_examples(config, workdir)
   pitch_eval = make_pitch_eval(config, model, shapes, _pitch_notes(config, workdir))
   on_eval = make_on_eval(config, model, shapes, examples, pitch_eval)
-  task = engine.Task(**{**task.__dict__,
-                        'on_eval': lambda p, step, d: on_eval(tokenizer_params(config, p), step, d)})
-  common.train_on_prepared(task, config, NAME, stage_dir, workdir, fp)
-
-
-def load_params(config, workdir, mesh):
-  """The trained tokenizer's params (EMA when kept), sharded on `mesh`, and the model.
-
-  With the GAN on, the checkpoint holds {'tokenizer', 'discriminator'}: the whole tree is restored
-  and only the tokenizer's part returned."""
-  shapes = config_lib.derive(config)
-  task, model = make_task(config, shapes)
-  rows = max(mesh.size // jax.process_count(), 1)  # any batch the mesh can split; shapes only
-  sample = {'image': np.zeros((rows,) + shapes.image, np.float32)}
-  target = engine.abstract_params(task, config, mesh, sample)
-  params = checkpoint.restore_params(checkpoint.ckpt_dir(_stage_dir(workdir)), target)
-  return tokenizer_params(config, params), model
+  task = dataclasses.replace(
+      task, on_eval=lambda p, step, d: on_eval(trained.tokenizer_params(config, p), step, d))
+  trained.train(task, config, NAME, stage_dir, workdir, fp)

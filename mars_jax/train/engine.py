@@ -27,7 +27,7 @@ import signal
 import threading
 import time
 import zlib
-from typing import Any, Callable, Optional
+from typing import Any, Callable, NamedTuple, Optional
 
 import flax.linen as nn
 import flax.struct
@@ -37,6 +37,7 @@ import numpy as np
 import optax
 from absl import logging
 
+from mars_jax import progress
 from mars_jax.config import ConfigError, validate_batch
 from mars_jax.train import checkpoint as ckpt
 from mars_jax.train import metrics_log as tlog
@@ -44,17 +45,24 @@ from mars_jax.train.partitioning import (abstract_batch, logical_rules, make_mes
                                          replicated, shardings_of, unbox)
 
 
+class Loss(NamedTuple):
+  """What Task.loss returns: the scalar to minimise, {name: scalar} to log, and `aux` (any
+  pytree, e.g. VQ code counts) handed to Task.after_step."""
+  value: Any
+  metrics: dict
+  aux: Any = None
+
+
 @dataclasses.dataclass(frozen=True)
 class Task:
   """What a model stage hands the engine. Every callable is pure JAX and is traced under jit.
 
   init(rng, batch) -> params; leaves may be nn.Partitioned logical boxes (they set shardings).
-  loss(params, batch, rng, step) -> (loss scalar, {name: scalar}) or (loss, metrics, aux);
-    `aux` (any pytree) is handed to after_step.
+  loss(params, batch, rng, step, frozen) -> Loss(value, metrics, aux).
+  eval_fn(params, batch, frozen) -> {name: scalar}: jitted; averaged over the held-out batches.
   init_extra(rng, params) -> extra_state: non-gradient state (may hold boxes), e.g. VQ usage counts.
   after_step(params, extra_state, aux, rng) -> (params, extra_state): a non-gradient update run
     inside the jitted step after the optimizer (e.g. re-seeding dead codes).
-  eval_fn(params, batch) -> {name: scalar}: jitted; averaged over the held-out batches.
   on_eval(params, step, stage_dir): python callback at every eval (images, audio); runs on every
     process with the global (sharded) params, so it may gather; write files from process 0 only.
     It may return {name: float}, logged with the eval's metrics (e.g. a pyin pitch score).
@@ -62,7 +70,7 @@ class Task:
   trainable(params) -> bool tree: False leaves are frozen (zero update; default all trainable).
   cast_params: with compute_dtype='bfloat16', cast float32 params to bf16 inside the step.
   frozen: a pytree of (sharded) arrays another stage trained, e.g. the tokenizer under the
-    autoregressor. When set, loss and eval_fn get it as a last argument `frozen`. It is a jit
+    autoregressor, passed to loss and eval_fn as their last argument ({} when None). It is a jit
     argument, never a baked-in constant, and is neither differentiated nor checkpointed.
   """
   init: Callable[..., Any]
@@ -190,7 +198,7 @@ def describe_schedule(stage, tc, params=None, mask_fn=None) -> str:
 # --- state construction ------------------------------------------------------------------------
 
 
-def _base_rng(config, stage):
+def base_rng(config, stage):
   """Per-stage key: the same seed gives different streams to different stages."""
   return jax.random.fold_in(jax.random.PRNGKey(config.seed), zlib.crc32(stage.encode()) & 0x7FFFFFFF)
 
@@ -252,9 +260,7 @@ def state_shardings(task, tx, tc, mesh, rules, rng, batch_abs):
 def abstract_params(task, config, mesh, local_batch):
   """ShapeDtypeStructs (with shardings on `mesh`) of task's params: the target of restore_params.
 
-  A later stage loading a frozen model (e.g. the autoregressor loading the tokenizer):
-    target = engine.abstract_params(tok_task, config, mesh, sample_batch)
-    params = checkpoint.restore_params(f'{workdir}/tokenizer/checkpoints', target)
+  mars_jax.trained.restore reads a trained model back this way.
   """
   rules = logical_rules(config)
   batch_abs = abstract_batch(local_batch, mesh)
@@ -265,7 +271,7 @@ def abstract_params(task, config, mesh, local_batch):
   return ckpt.abstract_with_shardings(unbox(boxed), shard)
 
 
-def _init_fn(task, tx, tc, rng):
+def _init_state(task, tx, tc, rng):
   def init(batch):
     boxed, extra = _boxed_init(task, rng, batch)
     params = unbox(boxed)
@@ -275,34 +281,27 @@ def _init_fn(task, tx, tc, rng):
   return init
 
 
-def _with_frozen(fn, task):
-  """fn(*args, frozen) when the task has frozen arrays, else fn(*args)."""
-  if task.frozen is None:
-    return lambda *args, frozen: fn(*args)
-  return lambda *args, frozen: fn(*args, frozen)
-
-
-def _unpack_loss(out):
-  if not isinstance(out, (tuple, list)) or len(out) not in (2, 3):
-    raise TypeError('Task.loss must return (loss, metrics) or (loss, metrics, aux).')
-  return out[0], out[1], (out[2] if len(out) == 3 else None)
+def _param_cast(task, tc):
+  """The cast applied to params inside the step (bf16 compute, float32 master weights)."""
+  if not task.cast_params:
+    return lambda tree: tree
+  return _cast_fn(jnp.bfloat16 if tc.compute_dtype == 'bfloat16' else jnp.float32)
 
 
 def _step_fn(task, tx, schedule, tc):
-  cast = _cast_fn(jnp.bfloat16 if tc.compute_dtype == 'bfloat16' else jnp.float32)
-  if not task.cast_params:
-    cast = lambda tree: tree
+  cast = _param_cast(task, tc)
   decay = float(tc.ema_decay)
-  task_loss = _with_frozen(task.loss, task)
 
   def step(state: TrainState, batch, frozen):
     key = jax.random.fold_in(state.rng, state.step)
     loss_rng, after_rng = jax.random.split(key)
 
     def loss_fn(params):
-      loss, metrics, aux = _unpack_loss(task_loss(cast(params), batch, loss_rng, state.step,
-                                                  frozen=frozen))
-      return jnp.asarray(loss, jnp.float32), (metrics, aux)
+      out = task.loss(cast(params), batch, loss_rng, state.step, frozen)
+      if not isinstance(out, Loss):
+        raise TypeError(f'Task.loss must return engine.Loss(value, metrics, aux), not '
+                        f'{type(out).__name__}.')
+      return jnp.asarray(out.value, jnp.float32), (out.metrics, out.aux)
 
     (loss, (metrics, aux)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
     grad_norm = optax.tree.norm(grads)
@@ -324,6 +323,57 @@ def _step_fn(task, tx, schedule, tc):
     return new, out
 
   return step
+
+
+class TrainStep:
+  """A task's train step, jitted for a mesh and a batch shape exactly as `train` runs it; the
+  benchmarks compile and time this same object (as MaxText's AOT tool uses its jit_train_step).
+
+  Build it under `jax.set_mesh(mesh)` and `nn.logical_axis_rules(logical_rules(config))`.
+  `abstract` / `shardings` are the TrainState's shapes and shardings, `target` both together (a
+  restore target); `init(global batch)` creates a sharded TrainState; `compile()` lowers and
+  compiles the step once; then `step(state, global batch) -> (state, metrics)`.
+  """
+
+  def __init__(self, task: Task, config, stage: str, mesh, batch_abs):
+    self.task, self.mesh, self.batch_abs = task, mesh, batch_abs
+    self.tc = config[stage].train
+    self.tx, self.schedule = make_optimizer(self.tc, task)
+    self.rng = base_rng(config, stage)
+    self.abstract, self.shardings = state_shardings(task, self.tx, self.tc, mesh,
+                                                    logical_rules(config), self.rng, batch_abs)
+    self.target = ckpt.abstract_with_shardings(self.abstract, self.shardings)
+    self.frozen = {} if task.frozen is None else task.frozen
+    self.compiled = None
+
+  def init(self, batch) -> TrainState:
+    init = jax.jit(_init_state(self.task, self.tx, self.tc, self.rng),
+                   out_shardings=self.shardings)
+    return init(batch)
+
+  def compile(self):
+    """The compiled step (XLA's memory and cost analyses hang off it)."""
+    batch_shard = {k: v.sharding for k, v in self.batch_abs.items()}
+    frozen_shard = jax.tree.map(lambda a: a.sharding, self.frozen)
+    jitted = jax.jit(_step_fn(self.task, self.tx, self.schedule, self.tc),
+                     in_shardings=(self.shardings, batch_shard, frozen_shard),
+                     out_shardings=(self.shardings, replicated(self.mesh)), donate_argnums=0)
+    self.compiled = jitted.lower(self.target, self.batch_abs, self.frozen).compile()
+    return self.compiled
+
+  def step(self, state, batch):
+    return self.compiled(state, batch, self.frozen)
+
+  def eval_step(self):
+    """Task.eval_fn jitted, (params, global batch) -> {name: mean}; None without an eval_fn."""
+    if self.task.eval_fn is None:
+      return None
+    cast = _param_cast(self.task, self.tc)
+    eval_fn = self.task.eval_fn
+    jitted = jax.jit(lambda p, b, f: {k: jnp.mean(jnp.asarray(v, jnp.float32))
+                                      for k, v in eval_fn(cast(p), b, f).items()},
+                     out_shardings=replicated(self.mesh))
+    return lambda params, batch: jitted(params, batch, self.frozen)
 
 
 # --- preemption --------------------------------------------------------------------------------
@@ -382,16 +432,15 @@ def _log_memory(stage, compiled, seconds):
   except Exception:  # not every backend implements it
     pass
   if mem is None:
-    tlog.say('%s: step compiled in %.1fs (no memory analysis on this backend)', stage, seconds)
+    progress.say(f'{stage}: step compiled in {seconds:.1f}s (no memory analysis on this backend)')
     return
-  mib = lambda n: n / 2**20
-  tlog.say('%s: step compiled in %.1fs; per device: args %.1f MiB, outputs %.1f MiB, '
-               'temps %.1f MiB, aliased %.1f MiB, code %.1f MiB', stage, seconds,
-               mib(getattr(mem, 'argument_size_in_bytes', 0)),
-               mib(getattr(mem, 'output_size_in_bytes', 0)),
-               mib(getattr(mem, 'temp_size_in_bytes', 0)),
-               mib(getattr(mem, 'alias_size_in_bytes', 0)),
-               mib(getattr(mem, 'generated_code_size_in_bytes', 0)))
+  mib = lambda k: getattr(mem, k, 0) / 2**20
+  progress.say(f'{stage}: step compiled in {seconds:.1f}s; per device: '
+               f'args {mib("argument_size_in_bytes"):.1f} MiB, '
+               f'outputs {mib("output_size_in_bytes"):.1f} MiB, '
+               f'temps {mib("temp_size_in_bytes"):.1f} MiB, '
+               f'aliased {mib("alias_size_in_bytes"):.1f} MiB, '
+               f'code {mib("generated_code_size_in_bytes"):.1f} MiB')
 
 
 def train(task: Task, config, stage: str, stage_dir: str, train_iter_fn: Callable[[], Any],
@@ -421,49 +470,31 @@ def train(task: Task, config, stage: str, stage_dir: str, train_iter_fn: Callabl
   _check_local_batch(sample, config, stage)
   batch_abs = abstract_batch(sample, mesh)
 
-  tx, schedule = make_optimizer(tc, task)
-  rng = _base_rng(config, stage)
   mngr = ckpt.manager(directory, keep=tc.keep_checkpoints)
   logger = None
   try:
     with jax.set_mesh(mesh), nn.logical_axis_rules(rules), _SigtermFlag() as sigterm:
-      abstract, shard = state_shardings(task, tx, tc, mesh, rules, rng, batch_abs)
-      tlog.say('%s', describe_schedule(stage, tc, abstract.params, task.decay_mask))
-      target = ckpt.abstract_with_shardings(abstract, shard)
+      train_step = TrainStep(task, config, stage, mesh, batch_abs)
+      progress.say(describe_schedule(stage, tc, train_step.abstract.params, task.decay_mask))
       latest = mngr.latest_step()
       if latest is not None:
-        tlog.say('%s: resuming from step %d (%s)', stage, latest, directory)
-        state = ckpt.restore(mngr, latest, target, it)
+        progress.say(f'{stage}: resuming from step {latest} ({directory})')
+        state = ckpt.restore(mngr, latest, train_step.target, it)
       else:
-        init = jax.jit(_init_fn(task, tx, tc, rng), out_shardings=shard)
-        state = init(put_batch(sample, mesh))        # created already sharded
+        state = train_step.init(put_batch(sample, mesh))        # created already sharded
       start = int(jax.device_get(state.step))
       if start >= tc.steps:
-        tlog.say('%s: already trained (%d >= %d steps)', stage, start, tc.steps)
+        progress.say(f'{stage}: already trained ({start} >= {tc.steps} steps)')
         return state
 
       t0 = time.time()
-      batch_shard = {k: v.sharding for k, v in batch_abs.items()}
-      frozen = {} if task.frozen is None else task.frozen
-      frozen_shard = jax.tree.map(lambda a: a.sharding, frozen)
-      step_jit = jax.jit(_step_fn(task, tx, schedule, tc),
-                         in_shardings=(shard, batch_shard, frozen_shard),
-                         out_shardings=(shard, replicated(mesh)), donate_argnums=0)
-      compiled = step_jit.lower(target, batch_abs, frozen).compile()
-      _log_memory(stage, compiled, time.time() - t0)
-
-      eval_jit = None
-      if task.eval_fn is not None and eval_iter_fn is not None:
-        cast = _cast_fn(jnp.bfloat16 if tc.compute_dtype == 'bfloat16' and task.cast_params
-                        else jnp.float32)
-        task_eval = _with_frozen(task.eval_fn, task)
-        eval_jit = jax.jit(lambda p, b, f: {k: jnp.mean(jnp.asarray(v, jnp.float32))
-                                            for k, v in task_eval(cast(p), b, frozen=f).items()},
-                           out_shardings=replicated(mesh))
+      _log_memory(stage, train_step.compile(), time.time() - t0)
+      eval_jit = train_step.eval_step() if eval_iter_fn is not None else None
 
       logger = tlog.MetricsLogger(stage_dir, stage, tc.steps, start_step=start,
                                   enabled=jax.process_index() == 0)
       last_saved = latest
+      bar = progress.Progress(stage, tc.steps, 'steps', every=tc.log_every, start=start)
 
       def check(step_no, metrics, window):
         host = jax.device_get(metrics)
@@ -480,7 +511,7 @@ def train(task: Task, config, stage: str, stage_dir: str, train_iter_fn: Callabl
         if eval_jit is not None:
           sums, n = None, 0
           for local in eval_iter_fn():
-            m = eval_jit(params, put_batch(local, mesh), frozen)
+            m = eval_jit(params, put_batch(local, mesh))
             sums = m if sums is None else jax.tree.map(jnp.add, sums, m)
             n += 1
           if n:
@@ -500,7 +531,7 @@ def train(task: Task, config, stage: str, stage_dir: str, train_iter_fn: Callabl
           mngr.wait_until_finished()
           raise Preempted(stage, step_no, directory)
         batch = put_batch(next(it), mesh)
-        state, metrics = compiled(state, batch, frozen)
+        state, metrics = train_step.step(state, batch)
         if pending is not None:          # check step n-1 while step n runs: no pipeline stall
           check(*pending, window)
         pending = (step_no, metrics)
@@ -511,6 +542,7 @@ def train(task: Task, config, stage: str, stage_dir: str, train_iter_fn: Callabl
             done % tc.eval_every == 0 or last)
         do_log = done % tc.log_every == 0 or last or do_eval
         if not (do_ckpt or do_eval or do_log):
+          bar.update(done)
           continue
         check(*pending, window)           # everything saved or logged was verified finite
         pending = None
@@ -531,10 +563,11 @@ def train(task: Task, config, stage: str, stage_dir: str, train_iter_fn: Callabl
           t_win = time.time()             # eval time is not training throughput
         if do_log:
           logger.write(done, record)
-          logger.progress(done, record['loss'], record['steps_per_sec'])
+        bar.update(done, **({'loss': record['loss']} if do_log else {}))
         if do_ckpt:
           logger.flush()                  # the log is durable up to the checkpoint
       mngr.wait_until_finished()
+      bar.close()
       return state
   finally:
     mngr.wait_until_finished()

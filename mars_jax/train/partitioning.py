@@ -149,10 +149,10 @@ def _refit(config, shape, devices) -> tuple:
   key = (shape, new_shape, where)
   if key not in _said:
     _said.add(key)
-    from mars_jax.train import metrics_log as tlog
-    tlog.say('mesh: fsdp=%d does not fit the %s slice (valid: %s); using fsdp=%d, data=%d. '
-             'Set --config.mesh.fsdp=%d to choose it yourself.', fsdp, where,
-             ', '.join(map(str, fits)), new, new_shape[0], new)
+    from mars_jax import progress
+    progress.say(f'mesh: fsdp={fsdp} does not fit the {where} slice (valid: '
+                 f'{", ".join(map(str, fits))}); using fsdp={new}, data={new_shape[0]}. '
+                 f'Set --config.mesh.fsdp={new} to choose it yourself.')
   return new_shape
 
 
