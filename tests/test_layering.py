@@ -12,9 +12,6 @@ LOWER = ('mars_jax.audio', 'mars_jax.data', 'mars_jax.models', 'mars_jax.train',
          'mars_jax.evaluate', 'mars_jax.config', 'mars_jax.fs', 'mars_jax.distributed',
          'mars_jax.defaults', 'mars_jax.progress', 'mars_jax.workdir', 'mars_jax.trained')
 UPPER = ('mars_jax.stages', 'mars_jax.sample', 'mars_jax.main', 'mars_jax.bench')
-# Known and to be removed (issue 12): sources.get_source imports soundfont late, soundfont
-# subclasses sources.Source. Splitting the Source/Example contract out of sources.py ends it.
-KNOWN_CYCLES = [['mars_jax.data.soundfont', 'mars_jax.data.sources']]
 
 
 def _name(path):
@@ -106,7 +103,7 @@ def test_the_walker_sees_the_package():
 
 
 def test_no_import_cycles():
-  assert [c for c in cycles(EDGES) if c not in KNOWN_CYCLES] == []
+  assert cycles(EDGES) == []
 
 
 def test_no_upward_imports():

@@ -117,7 +117,7 @@ def _params(config, shapes):
 
 def _plan(source, vocab, params, per_shard):
   """[(split, i, n, file stem, [(name, labels, load)], hash)] in a fixed order."""
-  from mars_jax.data.sources import SPLITS
+  from mars_jax.data.examples import SPLITS
   fam = {f: i for i, f in enumerate(vocab['family'])}
   ins = {x: i for i, x in enumerate(vocab['instrument'])}
   tasks = []

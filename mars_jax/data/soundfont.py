@@ -32,7 +32,8 @@ import numpy as np
 
 from mars_jax import config as config_lib
 from mars_jax.config import ConfigError
-from mars_jax.data import audio_io, sources, synthetic
+from mars_jax.data import audio_io, synthetic
+from mars_jax.data.examples import Example, Source, hash_fraction
 
 # GM program -> NSynth family and instrument source, for the pitched melodic programs whose
 # timbre NSynth has a family for. Pads (88-95, but the choir pad 91 is a voice), effects
@@ -291,7 +292,7 @@ def assign_programs(config, available=None):
   out = {}
   for family in s.families:
     progs = [p for p in PROGRAMS[family] if available is None or p in available]
-    progs.sort(key=lambda p: sources.hash_fraction(f'soundfont/{seed}/{p:03d}'))
+    progs.sort(key=lambda p: hash_fraction(f'soundfont/{seed}/{p:03d}'))
     if int(s.programs_per_family):
       progs = progs[:int(s.programs_per_family)]
     nv, nt = _held_out_counts(len(progs), float(s.valid_fraction), float(s.test_fraction))
@@ -308,12 +309,12 @@ def velocities_for(config, program, pitch):
   if not k or k >= len(vels):
     return sorted(vels)
   seed = int(config.seed)
-  order = sorted(vels, key=lambda v: sources.hash_fraction(
+  order = sorted(vels, key=lambda v: hash_fraction(
       f'soundfont-velocity/{seed}/{program:03d}/{pitch:03d}/{v:03d}'))
   return sorted(order[:k])
 
 
-class SoundFontSource(sources.Source):
+class SoundFontSource(Source):
   """GM programs of a SoundFont x pitch_range x velocities, split by program."""
 
   name = 'soundfont'
@@ -371,7 +372,7 @@ class SoundFontSource(sources.Source):
       for pitch in range(lo, hi + 1):
         for velocity in velocities_for(cfg, program, pitch):
           args = (self.path, program, pitch, velocity, sr, n_samples, hold, gain)
-          out.append(sources.Example(
+          out.append(Example(
               name=f'{inst}-{pitch:03d}-{velocity:03d}', split=split,
               labels={'pitch': pitch, 'velocity': velocity, 'family': family,
                       'instrument': inst},

@@ -3,45 +3,28 @@ or a General MIDI SoundFont (mars_jax/data/soundfont.py).
 
 Every source lists its examples per split without decoding audio (cheap, done once in
 the parent of `prepare`), so shards can be planned and handed to worker processes.
-An `Example` carries everything a worker needs, and is picklable: `load` is a file path
-or a picklable callable returning (wave, sample_rate). Files a source has to drop while
-listing (e.g. no labels) are reported by `skipped(split)` with a reason, never silently.
+An `Example` (mars_jax/data/examples.py, with the `Source` base class) carries everything a
+worker needs, and is picklable: `load` is a file path or a picklable callable returning
+(wave, sample_rate). Files a source has to drop while listing (e.g. no labels) are reported
+by `skipped(split)` with a reason, never silently.
 """
 from __future__ import annotations
 
 import csv
-import dataclasses
 import functools
-import hashlib
 import json
 import os
-from typing import Any, Callable, Union
 
 from mars_jax import fs
 from mars_jax.config import ConfigError
-from mars_jax.data import synthetic
+from mars_jax.data import soundfont, synthetic
+from mars_jax.data.examples import SPLITS, Example, Source, hash_fraction
 
-SPLITS = ('train', 'valid', 'test')
 AUDIO_EXTS = ('.wav', '.flac', '.ogg', '.aiff', '.aif', '.mp3', '.au')
 NSYNTH_SOURCES = ('acoustic', 'electronic', 'synthetic')   # instrument_source 0, 1, 2
 NSYNTH_LAYOUT = ('NSynth layout: data.path/nsynth-train/, nsynth-valid/, nsynth-test/, each '
                  'holding examples.json and audio/<note_str>.wav (as extracted from the official '
                  'nsynth-{train,valid,test}.jsonwav.tar.gz archives).')
-
-
-@dataclasses.dataclass(frozen=True)
-class Example:
-  name: str
-  split: str
-  labels: dict          # pitch:int, velocity:int, family:str, instrument:str
-  load: Union[str, Callable[[], Any]]   # path, or () -> (wave, sample_rate)
-  key: str = ''         # identifies the content (path / generator args) for shard reuse
-
-
-def hash_fraction(name: str) -> float:
-  """A stable pseudo-random number in [0, 1) from a name (same on every machine)."""
-  h = hashlib.sha1(name.encode()).digest()
-  return int.from_bytes(h[:8], 'little') / 2.0 ** 64
 
 
 def hash_split(name: str, valid_fraction: float, test_fraction: float) -> str:
@@ -51,48 +34,6 @@ def hash_split(name: str, valid_fraction: float, test_fraction: float) -> str:
   if u < valid_fraction + test_fraction:
     return 'test'
   return 'train'
-
-
-def _cap(examples, max_files):
-  """Keeps a deterministic, label-unbiased subset of at most max_files (0 = all)."""
-  if not max_files or len(examples) <= max_files:
-    return examples
-  keep = sorted(examples, key=lambda e: hash_fraction('cap/' + e.name))[:max_files]
-  return sorted(keep, key=lambda e: e.name)
-
-
-class Source:
-  """Lists examples per split; subclasses fill `_list(split) -> (examples, skipped)`."""
-
-  name = ''
-
-  def __init__(self, config):
-    self.config = config
-    self._cache = {}
-
-  def _listing(self, split):
-    if split not in SPLITS:
-      raise ValueError(f'unknown split {split!r}; use one of {SPLITS}')
-    if split not in self._cache:
-      examples, skipped, filtered = self._list(split)
-      examples = sorted(examples, key=lambda e: e.name)
-      self._cache[split] = (_cap(examples, int(self.config.data.max_files)), skipped, filtered)
-    return self._cache[split]
-
-  def examples(self, split) -> list:
-    """The examples of `split`, sorted by name (deterministic)."""
-    return self._listing(split)[0]
-
-  def skipped(self, split) -> list:
-    """[{'file', 'split', 'reason'}] dropped while listing (e.g. missing labels)."""
-    return self._listing(split)[1]
-
-  def filtered(self, split) -> int:
-    """How many notes the data.* filters removed (not an error, so not in `skipped`)."""
-    return self._listing(split)[2]
-
-  def _list(self, split):
-    raise NotImplementedError
 
 
 def _keep(config, pitch, velocity=None):
@@ -333,13 +274,8 @@ def _require_dir(config, kind):
   return path
 
 
-def _soundfont_source(config):
-  from mars_jax.data.soundfont import SoundFontSource   # imports this module: import it late
-  return SoundFontSource(config)
-
-
 SOURCES = {'nsynth': NSynthSource, 'folder': FolderSource, 'synthetic': SyntheticSource,
-           'soundfont': _soundfont_source}
+           'soundfont': soundfont.SoundFontSource}
 
 
 def get_source(config) -> Source:
