@@ -157,19 +157,3 @@ def test_overfit_few_examples():
   losses = np.asarray(losses)
   assert np.all(np.isfinite(losses))
   assert losses[-10:].mean() < 0.6 * losses[:3].mean(), (losses[:3], losses[-10:])
-
-
-def test_reseed_codebook_on_params_tree():
-  cb = jnp.arange(12.0).reshape(4, 3)
-  boxed = {'quantizer': {'codebook': nn.Partitioned(cb, names=('codes', None))}, 'other': 1}
-  counts = jnp.array([[1.0, 0.0, 0.0, 2.0]])
-  cand = jnp.full((6, 3), -1.0)
-  for params in (boxed, nn.unbox(boxed)):
-    out = jax.jit(tk.reseed_codebook)(params, counts, cand, jax.random.key(0))
-    new = out['quantizer']['codebook']
-    assert isinstance(new, nn.Partitioned) == isinstance(params['quantizer']['codebook'],
-                                                         nn.Partitioned)
-    new = nn.unbox(new)
-    np.testing.assert_array_equal(new[jnp.array([0, 3])], cb[jnp.array([0, 3])])
-    np.testing.assert_array_equal(new[1:3], -1.0)
-    assert out['other'] == 1

@@ -13,7 +13,7 @@ import jax
 import jax.numpy as jnp
 
 from mars_jax.models.layers import AttnBlock, Conv, Downsample, Norm, ResBlock, Upsample
-from mars_jax.models.quantizer import MultiScaleQuantizer, reseed_dead_codes
+from mars_jax.models.quantizer import MultiScaleQuantizer
 
 Dtype = Any
 
@@ -160,20 +160,6 @@ class Tokenizer(nn.Module):
 
   def lookup_codes(self, idx):
     return self.quantizer.lookup_codes(idx)
-
-
-def reseed_codebook(params, usage_counts, candidates, rng, threshold: float = 0.0):
-  """`reseed_dead_codes` applied to a Tokenizer's params tree (boxed or plain), so the engine
-  needn't know where the codebook lives. usage_counts: aux['code_counts'] summed over the
-  tracked window, (K, V) or (V,); candidates: aux['residuals'] (N, d). Jittable."""
-  q = dict(params['quantizer'])
-  box = q['codebook']
-  cb = box.value if isinstance(box, nn.Partitioned) else box
-  new = reseed_dead_codes(cb, usage_counts, candidates, rng, threshold)
-  q['codebook'] = box.replace_boxed(new) if isinstance(box, nn.Partitioned) else new
-  out = dict(params)
-  out['quantizer'] = q
-  return out
 
 
 # ------------------------------------------------------------------------------ losses
