@@ -8,7 +8,7 @@ from tests.helpers import read_tensorboard_scalars
 
 
 def _log_three_steps(stage_dir):
-  log = metrics_log.MetricsLogger(stage_dir, 'tokenizer', total_steps=3)
+  log = metrics_log.MetricsLogger(stage_dir)
   for step in (1, 2, 3):
     log.write(step, {'loss': 1.0 / step, 'eval/mse': 0.5 * step, 'lr': 1e-3,
                      'bad': math.nan, 'note': 'text'})

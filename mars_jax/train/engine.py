@@ -491,8 +491,7 @@ def train(task: Task, config, stage: str, stage_dir: str, train_iter_fn: Callabl
       _log_memory(stage, train_step.compile(), time.time() - t0)
       eval_jit = train_step.eval_step() if eval_iter_fn is not None else None
 
-      logger = tlog.MetricsLogger(stage_dir, stage, tc.steps, start_step=start,
-                                  enabled=jax.process_index() == 0)
+      logger = tlog.MetricsLogger(stage_dir, start_step=start, enabled=jax.process_index() == 0)
       last_saved = latest
       bar = progress.Progress(stage, tc.steps, 'steps', every=tc.log_every, start=start)
 

@@ -1,4 +1,4 @@
-"""Process-0 metric sinks: metrics.jsonl (the contract), TensorBoard scalars, one progress line.
+"""Process-0 metric sinks: metrics.jsonl (the contract) and TensorBoard scalars.
 
 TensorBoard events are written with tensorboardX (TFRecord framing and the Event protos, no
 TensorFlow or torch needed); metrics.jsonl stays the source of truth other tools read.
@@ -76,14 +76,7 @@ class TensorBoardWriter:
     _OBJECT_STORE.open_logs.pop(self.path, None)
 
 
-# --- metrics.jsonl + progress ------------------------------------------------------------------
-
-
-def say(fmt: str, *args):
-  """A user-facing progress line on process 0's stdout (library INFO logs stay quiet)."""
-  import jax
-  if jax.process_index() == 0:
-    print(fmt % args if args else fmt, flush=True)
+# --- metrics.jsonl -----------------------------------------------------------------------------
 
 
 def _is_number(v) -> bool:
@@ -99,19 +92,12 @@ def _plain(v):
   return v
 
 
-def _fmt_time(s: float) -> str:
-  s = int(max(s, 0))
-  h, m = divmod(s, 3600)
-  m, s = divmod(m, 60)
-  return f'{h}h{m:02d}m' if h else f'{m}m{s:02d}s'
-
-
 class MetricsLogger:
   """Writes metrics from process 0 only (other processes hold the same replicated scalars)."""
 
-  def __init__(self, stage_dir: str, name: str, total_steps: int, start_step: int = 0,
-               enabled: bool = True, tensorboard: bool = True):
-    self.name, self.total, self.enabled = name, total_steps, enabled
+  def __init__(self, stage_dir: str, start_step: int = 0, enabled: bool = True,
+               tensorboard: bool = True):
+    self.enabled = enabled
     self.path = fs.join(stage_dir, 'metrics.jsonl')
     self._tb = None
     if not enabled:
@@ -154,15 +140,6 @@ class MetricsLogger:
     self._f.flush(force=True)
     if self._tb is not None:
       self._tb.flush()
-
-  def progress(self, step: int, loss: float, steps_per_sec: float, extra: str = ''):
-    """A single line: stage step/total, loss, steps/s, ETA."""
-    if not self.enabled:
-      return
-    eta = (self.total - step) / steps_per_sec if steps_per_sec > 0 else float('inf')
-    eta_s = _fmt_time(eta) if math.isfinite(eta) else '?'
-    say('%s step %d/%d loss %.5g %.2f steps/s eta %s%s', self.name, step, self.total,
-                 loss, steps_per_sec, eta_s, extra)
 
   def close(self):
     if not self.enabled:
