@@ -1,8 +1,8 @@
 """Every config field with its default; configs/*.py state only what differs.
 
-The keys listed in DESIGN.md ("Config keys other tools rely on") are a contract:
-keep their names and meanings. Shapes are never set here directly; they are
-derived once, in `mars_jax.config.derive`, from the fields below.
+Field names are a contract (README.md's `--config.a.b=value` overrides, configs/*.py, the
+config.json saved in every workdir): keep their names and meanings. Shapes are never set here
+directly; they are derived once, in `mars_jax.config.derive`, from the fields below.
 """
 import collections
 

@@ -113,7 +113,7 @@ ACCURACY = re.compile(r'^(real_|gl_|recon_)?(pitch_(exact|within_semitone|detect
 def check_ceilings(config, m, workdir):
   """metrics.json's ceilings contract and report.html's table and listening triples."""
   for k in ('pitch_within_semitone', 'recon_pitch_within_semitone', 'gl_pitch_within_semitone',
-            'real_pitch_within_semitone'):   # DESIGN.md's contract
+            'real_pitch_within_semitone'):   # the ceilings README.md documents
     assert k in m and 0.0 <= m[k] <= 1.0, k
   accuracies = [k for k in m if ACCURACY.match(k)]
   assert len(accuracies) == 4 * 5 + 2, sorted(accuracies)   # 4 columns x 5 estimators + 2

@@ -20,8 +20,7 @@ Run:
   python -m mars_jax.bench tokenizer throughput [--configs tiny,base] [--batch N] [--steps 5]
   python -m mars_jax.bench tokenizer memory [--batch 8] [--variants cmx,none,none_vqgan,truncate]
   add --json for one JSON document on stdout instead of the markdown tables.
-Progress goes to stderr. Reuses the engine's functions (make_optimizer, state_shardings,
-_init_fn, _step_fn) and jits the step exactly as `engine.train` does.
+Progress goes to stderr. The step is `engine.TrainStep`, the one `engine.train` compiles.
 """
 from __future__ import annotations
 

@@ -1,7 +1,7 @@
 """Where quality is lost: held-out real notes at each stage a generated note goes through.
 
 A generated note can be no better than the tokenizer's round trip, and that no better than
-Griffin-Lim of the true spectrogram (DESIGN.md section 6). `round_trip_fn` builds the one pure
+Griffin-Lim of the true spectrogram (README.md, Evaluation). `round_trip_fn` builds the one pure
 JAX function (jit it once) that takes true spectrograms through both, exactly as the sampler
 treats its output: decoded spectrogram clipped to [-1, 1], Griffin-Lim from zero phase with the
 config's iterations and momentum, audio clipped to [-1, 1] (what a 16-bit wav holds). The

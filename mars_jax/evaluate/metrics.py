@@ -1,4 +1,4 @@
-"""Evaluation metrics for generated notes (DESIGN.md section 6).
+"""Evaluation metrics for generated notes (the keys of metrics.json: README.md, Evaluation).
 
 Pure functions over numpy arrays. Costs are linear in the number of samples
 except where stated: KID works on fixed-size random subsets (cost

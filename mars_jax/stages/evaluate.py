@@ -1,17 +1,17 @@
-"""`evaluate` stage: classifiers, every metric of DESIGN.md section 6, and the listening report.
+"""`evaluate` stage: classifiers, the metrics listed in README.md (Evaluation), the report.
 
 Inputs: DIR/data (prepared), DIR/tokenizer/checkpoints, DIR/samples/samples.json + wavs.
 Outputs: DIR/eval/{pitch,instrument}_classifier/ (engine checkpoints + metrics.jsonl),
 DIR/eval/metrics.json (flat: generated metric, its `real_` ceiling = held-out test notes
 scored the same way against the training notes, sample counts) and DIR/report.html.
 
-Where quality is lost (DESIGN.md section 6): up to evaluate.ceiling_notes held-out test notes,
-evenly spread, go through Griffin-Lim of their true spectrogram (`gl_*`) and through the
-tokenizer's round trip, encode -> tokens -> decode -> Griffin-Lim (`recon_*`); their audio is
-scored with the estimators the generated notes get (pyin pitch; the classifiers on the
-re-analysed spectrogram; PKID/IKID/fad_clf/NDB against the training notes), and `real_pitch_*`
-scores the original audio of the same notes. Every accuracy `k` carries `k_se`, its binomial
-standard error sqrt(p(1-p)/n), and `k_n`, the notes it was measured on.
+Where quality is lost: up to evaluate.ceiling_notes held-out test notes, evenly spread, go
+through Griffin-Lim of their true spectrogram (`gl_*`) and through the tokenizer's round trip,
+encode -> tokens -> decode -> Griffin-Lim (`recon_*`); their audio is scored with the estimators
+the generated notes get (pyin pitch; the classifiers on the re-analysed spectrogram;
+PKID/IKID/fad_clf/NDB against the training notes), and `real_pitch_*` scores the original audio
+of the same notes. Every accuracy `k` carries `k_se`, its binomial standard error
+sqrt(p(1-p)/n), and `k_n`, the notes it was measured on.
 
 Feature spaces (stated, since several are our choice):
   * PIS/IIS: the classifiers' softmax; PKID/IKID and fad_clf_*: their embeddings (penultimate

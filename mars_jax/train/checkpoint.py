@@ -245,7 +245,7 @@ def restore_params(directory: str, abstract_params, step: int | None = None, ema
 
   `directory` is a stage's checkpoints folder (e.g. WORKDIR/tokenizer/checkpoints);
   `abstract_params` is a tree of jax.ShapeDtypeStruct with `.sharding` set (e.g. from
-  `engine.abstract_params(task, config, stage, mesh, batch)`), so the params land already
+  `engine.abstract_params(task, config, mesh, local_batch)`), so the params land already
   sharded on the caller's mesh. Optimizer state is never read.
   """
   directory = _orbax_path(directory)
