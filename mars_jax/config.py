@@ -109,6 +109,10 @@ def derive(config) -> Shapes:
     raise ConfigError(f"tokenizer.lookup={t.lookup!r}: use 'l2' or 'cosine'.")
   if not 1 <= t.num_phi <= len(scales):
     raise ConfigError(f'tokenizer.num_phi={t.num_phi} must be in [1, {len(scales)}].')
+  level_weight = t.get('level_weight', 0.0)
+  if not level_weight >= 0:
+    raise ConfigError(f'tokenizer.level_weight={level_weight} must be >= 0 (0 = every bin counts '
+                      f'the same; a > 0: an error on the loudest bins counts 1 + a times).')
 
   lo, hi = (int(v) for v in config.data.pitch_range)
   if not 0 <= lo <= hi <= 127:

@@ -31,6 +31,7 @@ def test_nsynth_default_is_512_square():
     ('tokenizer.scales', (2, 1, 8), 'strictly increasing'),
     ('tokenizer.channel_mult', (1, 2, 2, 2, 2, 2, 2), 'tokenizer.channel_mult'),
     ('tokenizer.groups', 7, 'tokenizer.groups=7'),
+    ('tokenizer.level_weight', -1.0, 'tokenizer.level_weight=-1.0'),
     ('data.pitch_range', (80, 60), 'data.pitch_range'),
     ('data.source', 'mp3s', 'data.source'),
     ('tokenizer.train.steps', 0, 'tokenizer.train.steps=0'),

@@ -16,7 +16,7 @@ from mars_jax.data import pipeline
 from mars_jax.evaluate import ceilings, images
 from mars_jax.models import quantizer as quant_lib
 from mars_jax.models.tokenizer import (adaptive_gan_weight, hinge_d_loss, hinge_g_loss,
-                                       tokenizer_loss)
+                                       reconstruction_loss, tokenizer_loss)
 from mars_jax.train import engine
 
 NAME = 'tokenizer'
@@ -74,15 +74,14 @@ def make_task(config, shapes=None):
     value, metrics = tokenizer_loss(recon, x, aux, tcfg)
 
     def rec_fn(r):  # the reconstruction part of tokenizer_loss (VQGAN's nll_loss)
-      return tcfg.l1_weight * jnp.mean(jnp.abs(r - x)) + tcfg.l2_weight * jnp.mean(
-          jnp.square(r - x))
+      return reconstruction_loss(r, x, tcfg)[0]
 
     frozen_d = jax.lax.stop_gradient(d_params)
 
     def g_fn(r):  # generator hinge term; the discriminator is a constant here
       return hinge_g_loss(disc.apply({'params': frozen_d}, r))
 
-    d_rec = jax.grad(rec_fn)(recon)
+    rec_loss, d_rec = jax.value_and_grad(rec_fn)(recon)
     g_loss, d_gan = jax.value_and_grad(g_fn)(recon)
     (rec_last,) = last_vjp(jax.lax.stop_gradient(d_rec))
     (gan_last,) = last_vjp(jax.lax.stop_gradient(d_gan))
@@ -99,7 +98,7 @@ def make_task(config, shapes=None):
 
     active = jnp.asarray(step) >= tcfg.gan_start
     total = value + jnp.where(active, lam * g_loss + d_loss, 0.0)
-    metrics = dict(metrics, rec_loss=rec_fn(recon), gan_g=g_loss, gan_d=d_loss,
+    metrics = dict(metrics, rec_loss=rec_loss, gan_g=g_loss, gan_d=d_loss,
                    gan_weight_adaptive=lam, gan_active=active.astype(jnp.float32),
                    logits_real=jnp.mean(logits_real), logits_fake=jnp.mean(logits_fake))
     metrics['loss'] = total
