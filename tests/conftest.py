@@ -21,7 +21,20 @@ def pytest_configure(config):
   config.addinivalue_line(
       'markers', 'multihost: multi-process jax.distributed tests (slow; deselect: -m "not multihost")')
   config.addinivalue_line(
-      'markers', 'slow: tests of a minute or more (deselect: -m "not slow"; CI runs them)')
+      'markers', 'slow: tests of ~10 s or more on a 2-core machine (the developer loop is '
+      'python -m pytest -m "not slow", under 3 minutes; CI runs everything)')
+
+
+# Fixtures that cost minutes: a test using one is slow whatever its own body costs.
+SLOW_FIXTURES = ('trained_workdir',)
+
+
+def pytest_collection_modifyitems(config, items):
+  """Marks multi-process tests and users of a minutes-long fixture `slow`, so that
+  -m "not slow" never pays for them."""
+  for item in items:
+    if item.get_closest_marker('multihost') or set(SLOW_FIXTURES) & set(item.fixturenames):
+      item.add_marker(pytest.mark.slow)
 
 
 @pytest.fixture

@@ -1,5 +1,6 @@
 """Helpers shared by the tests (conftest.py keeps only pytest's set-up and fixtures)."""
 import importlib.util
+import os
 import pathlib
 import struct
 
@@ -36,6 +37,36 @@ def small_tiny_config(**overrides):
       node = node[r]
     node[rest[-1]] = v
   return c
+
+
+def quiet(*args, **kwargs):
+  """A log/out callback that prints nothing."""
+
+
+def small_synthetic_config(**data_overrides):
+  """The tiny config with a 4-pitch, 2-family synthetic corpus in 5-note shards: prepare in
+  seconds. `data_overrides` set config.data fields."""
+  c = load_config('tiny')
+  c.data.pitch_range = (60, 63)
+  c.data.synthetic.families = ('brass', 'guitar')
+  c.data.synthetic.per_pitch_family = 2
+  c.data.examples_per_shard = 5
+  c.data.prepare_workers = 1
+  for k, v in data_overrides.items():
+    c.data[k] = v
+  return c
+
+
+def read_split(workdir, manifest, split):
+  """Every record of one prepared split, decoded, in shard order."""
+  from array_record.python.array_record_module import ArrayRecordReader
+  from mars_jax.data import records
+  out = []
+  for name in manifest['splits'][split]['shards']:
+    r = ArrayRecordReader(os.path.join(workdir, 'data', name))
+    out += [records.decode(b) for b in r.read_all()]
+    r.close()
+  return out
 
 
 def read_tensorboard_scalars(path) -> dict:

@@ -73,6 +73,7 @@ def _samplers():
   return cached, nocache
 
 
+@pytest.mark.slow
 def test_kv_cache_sampling_cfg_and_seeds(params):
   cached, nocache = _samplers()
   pitch, inst, seeds = PITCH[:4], INST[:4], jnp.array([0, 1, 2, 3])
@@ -104,6 +105,7 @@ def test_kv_cache_sampling_cfg_and_seeds(params):
   assert not np.array_equal(np.asarray(g0[-1]), np.asarray(toks[-1]))
 
 
+@pytest.mark.slow
 def test_fused_attention_is_the_same_function(params):
   """autoregressor.attention='xla' (jax.nn.dot_product_attention) == the einsum path: logits,
   gradients, and the sampler's draws through the KV cache."""
@@ -179,6 +181,7 @@ def test_block_causal_mask(params):
   assert np.abs(other[:, 0] - base[:, 0]).max() > 1e-3
 
 
+@pytest.mark.slow
 def test_training_reduces_loss():
   rng = np.random.default_rng(0)
   targets = jnp.asarray(rng.integers(0, V, (B, L)), jnp.int32)
@@ -236,6 +239,7 @@ def test_from_config():
   assert ar.from_config(cfg, shapes, num_instruments=4).attention == 'xla'
 
 
+@pytest.mark.slow
 def test_sharded_forward_matches(params):
   assert len(jax.devices()) >= 8
   rules = tuple(_load_config('tiny').mesh.rules)

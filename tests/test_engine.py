@@ -133,6 +133,7 @@ def assert_trees_close(a, b, tol=1e-5):
     np.testing.assert_allclose(x, y, rtol=tol, atol=tol)
 
 
+@pytest.mark.slow
 def test_sharded_step_matches_single_device(tmp_path):
   results = {}
   for mesh in [(1, 1, 1), (2, 4, 1), (2, 2, 2)]:
@@ -170,6 +171,7 @@ def assert_same_trace(got, want):
   np.testing.assert_allclose([t[2] for t in got], [t[2] for t in want], rtol=1e-6)
 
 
+@pytest.mark.slow
 def test_kill_and_resume_match_uninterrupted(tmp_path, monkeypatch):
   cfg = make_config(steps=8, mesh=(2, 4, 1), ema_decay=0.9)
   ref = _final(str(tmp_path / 'ref'), cfg)
@@ -208,6 +210,7 @@ def test_kill_and_resume_match_uninterrupted(tmp_path, monkeypatch):
   assert_same_trace(_trace(d), ref_trace)
 
 
+@pytest.mark.slow
 def test_nan_loss_stops_naming_step_and_checkpoint(tmp_path):
   d = str(tmp_path / 'nan')
   with pytest.raises(engine.NonFiniteLoss) as e:
@@ -234,6 +237,7 @@ def test_bad_config_fails_before_compiling(tmp_path, mesh, batch, field):
     engine.train(make_task(), cfg, 'tokenizer', str(tmp_path), _never)
 
 
+@pytest.mark.slow
 def test_metrics_jsonl_eval_tensorboard_and_restore_params(tmp_path):
   d = str(tmp_path / 'log')
   evals = []

@@ -140,6 +140,7 @@ def check_ceilings(config, m, workdir):
   assert len(rows) == shown and set(rows) <= set(config.data.synthetic.families)
 
 
+@pytest.mark.slow
 def test_metrics_real_notes_reach_the_ceiling_and_collapse_is_worse(workdir, tmp_path):
   c = small_config()
   notes = held_out_notes(c)

@@ -102,6 +102,7 @@ def gan():
   return config, shapes, task, model, params, batch, run
 
 
+@pytest.mark.slow
 def test_gan_off_is_the_plain_tokenizer_loss(gan):
   on_config, shapes, _, _, on_params, batch, _ = gan
   config = _config(0.0)
@@ -128,6 +129,7 @@ def test_gan_off_is_the_plain_tokenizer_loss(gan):
   assert not any(k.startswith('gan') or k.startswith('logits') for k in metrics)
 
 
+@pytest.mark.slow
 def test_gan_params_tree_and_reseed(gan):
   config, shapes, task, model, params, batch, _ = gan
   assert set(params) == {'tokenizer', 'discriminator'}
@@ -145,6 +147,7 @@ def test_gan_params_tree_and_reseed(gan):
   _assert_trees_close(new['discriminator'], params['discriminator'], rtol=0, atol=0)
 
 
+@pytest.mark.slow
 def test_gan_gradients_are_separated(gan):
   *_, params, _, run = gan
   out = jax.device_get(run(params, jnp.int32(GAN_START)))
@@ -167,6 +170,7 @@ def test_gan_gradients_are_separated(gan):
                          atol=1e-7)
 
 
+@pytest.mark.slow
 def test_gan_inactive_before_gan_start(gan):
   *_, params, _, run = gan
   out = jax.device_get(run(params, jnp.int32(GAN_START - 1)))

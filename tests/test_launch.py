@@ -341,6 +341,7 @@ def _verbs(calls):
   return out
 
 
+@pytest.mark.slow
 def test_tpu_pod_runs_detached_on_every_worker_with_fake_gcloud(tmp_path):
   root, bin_dir = _fake_tpu(tmp_path)
   env = _tpu_env(tmp_path, bin_dir, MARS_HEARTBEAT_S='30', XLA_FLAGS='--xla_a=1 --xla_b=2',

@@ -6,37 +6,11 @@ import numpy as np
 import pytest
 import soundfile as sf
 
-from tests.helpers import load_config
+from tests.helpers import load_config, quiet, read_split, small_synthetic_config
 from mars_jax.audio.spectrogram import spectrogram
 from mars_jax.data import prepare as data_prepare
 from mars_jax.data import records
 from mars_jax.stages import prepare
-
-
-def _read_split(workdir, manifest, split):
-  from array_record.python.array_record_module import ArrayRecordReader
-  out = []
-  for name in manifest['splits'][split]['shards']:
-    r = ArrayRecordReader(os.path.join(workdir, 'data', name))
-    out += [records.decode(b) for b in r.read_all()]
-    r.close()
-  return out
-
-
-def _quiet(*a, **k):
-  pass
-
-
-def _small_synthetic(tmp_path=None, **over):
-  c = load_config('tiny')
-  c.data.pitch_range = (60, 63)
-  c.data.synthetic.families = ('brass', 'guitar')
-  c.data.synthetic.per_pitch_family = 2
-  c.data.examples_per_shard = 5
-  c.data.prepare_workers = 1
-  for k, v in over.items():
-    c.data[k] = v
-  return c
 
 
 # --- NSynth layout ------------------------------------------------------------------------------
@@ -93,7 +67,7 @@ def test_prepare_nsynth_layout(tmp_path, monkeypatch, where):
   c.data.instrument_sources = ('acoustic',)
   c.data.velocities = (50, 100, 127)
   c.data.prepare_workers = 1
-  m = prepare.run(c, str(tmp_path / 'work'), log=_quiet)
+  m = prepare.run(c, str(tmp_path / 'work'), log=quiet)
   assert prepare.is_complete(c, str(tmp_path / 'work'))
   assert {s: v['count'] for s, v in m['splits'].items()} == {'train': 3, 'valid': 1, 'test': 1}
   assert m['splits']['train']['filtered'] == 3
@@ -104,7 +78,7 @@ def test_prepare_nsynth_layout(tmp_path, monkeypatch, where):
   assert m['spectrogram']['shape'] == [128, 128] and m['spectrogram']['dtype'] == 'float16'
   assert m['fixed']['resampled'] == 5 and m['skipped'] == []
   assert m['config_hash'] == data_prepare.config_hash(c)
-  recs = _read_split(str(tmp_path / 'work'), m, 'train')
+  recs = read_split(str(tmp_path / 'work'), m, 'train')
   assert [r['name'] for r in recs] == ['brass_acoustic_001-060-100', 'brass_acoustic_001-062-050',
                                        'guitar_acoustic_007-064-100']
   assert [int(r['pitch']) for r in recs] == [60, 62, 64]
@@ -112,7 +86,7 @@ def test_prepare_nsynth_layout(tmp_path, monkeypatch, where):
   assert [m['vocab']['family'][r['family']] for r in recs] == ['brass', 'brass', 'guitar']
   assert m['vocab']['instrument'][recs[2]['instrument']] == 'guitar_acoustic_007'
   import librosa
-  for r in recs + _read_split(str(tmp_path / 'work'), m, 'test'):
+  for r in recs + read_split(str(tmp_path / 'work'), m, 'test'):
     wav, sr = sf.read(waves[r['name']], dtype='float32')
     want = spectrogram(librosa.resample(wav, orig_sr=sr, target_sr=8000)[:8192], c.spectrogram)
     assert r['spec'].dtype == np.float16 and r['spec'].shape == (128, 128)
@@ -155,7 +129,7 @@ def test_prepare_bad_corpus(tmp_path):
   c.data.source = 'folder'
   c.data.path = str(root)
   c.data.prepare_workers = 1
-  m = prepare.run(c, str(tmp_path / 'work'), log=_quiet)
+  m = prepare.run(c, str(tmp_path / 'work'), log=quiet)
   assert m['splits']['train']['count'] == 5
   assert m['fixed'] == {'resampled': 1, 'downmixed': 1, 'padded': 1, 'cropped': 1}
   reasons = {s['file']: s['reason'] for s in m['skipped']}
@@ -167,7 +141,7 @@ def test_prepare_bad_corpus(tmp_path):
   assert 'truncated' in reasons['trunc.wav'] and 'empty' in reasons['empty.wav']
   assert m['skipped_counts'] == {'missing labels': 2, 'non-finite': 1, 'silent': 1,
                                  'unreadable': 4}
-  recs = {r['name']: r for r in _read_split(str(tmp_path / 'work'), m, 'train')}
+  recs = {r['name']: r for r in read_split(str(tmp_path / 'work'), m, 'train')}
   assert sorted(recs) == ['good.wav', 'hi_rate.wav', 'long.wav', 'short.wav', 'stereo.wav']
   want = spectrogram(sf.read(str(root / 'good.wav'), dtype='float32')[0],
                      c.spectrogram).astype(np.float16)
@@ -184,7 +158,7 @@ def tiny_prepared(tmp_path_factory):
   work = str(tmp_path_factory.mktemp('tiny'))
   c = load_config('tiny')
   c.data.prepare_workers = 2
-  m = prepare.run(c, work, log=_quiet)
+  m = prepare.run(c, work, log=quiet)
   return c, work, m
 
 
@@ -196,7 +170,7 @@ def test_tiny_prepare_complete(tiny_prepared):
   assert m['normalisation']['log_lo'] == pytest.approx(np.log(1e-5))
   assert m['bytes'] == sum(os.path.getsize(os.path.join(work, 'data', s))
                            for v in m['splits'].values() for s in v['shards'])
-  recs = _read_split(work, m, 'valid')
+  recs = read_split(work, m, 'valid')
   assert len(recs) == 72
   specs = np.stack([r['spec'] for r in recs]).astype(np.float32)
   assert specs.min() >= -1 and specs.max() <= 1 and specs.std() > 0.1
@@ -211,11 +185,11 @@ def test_tiny_prepare_complete(tiny_prepared):
   c2 = load_config('tiny')
   c2.spectrogram.log_eps = 1e-4
   assert not prepare.is_complete(c2, work)
-  assert prepare.run(c, work, log=_quiet) == m   # complete: nothing redone
+  assert prepare.run(c, work, log=quiet) == m   # complete: nothing redone
 
 
 def test_resume_after_kill(tmp_path, monkeypatch):
-  c = _small_synthetic()
+  c = small_synthetic_config()
   work = str(tmp_path / 'w')
   real = data_prepare.prepare_shard
   calls = []
@@ -228,7 +202,7 @@ def test_resume_after_kill(tmp_path, monkeypatch):
 
   monkeypatch.setattr(data_prepare, 'prepare_shard', dying)
   with pytest.raises(KeyboardInterrupt):
-    prepare.run(c, work, log=_quiet)
+    prepare.run(c, work, log=quiet)
   monkeypatch.setattr(data_prepare, 'prepare_shard', real)
   d = os.path.join(work, 'data')
   assert not os.path.exists(os.path.join(d, 'manifest.json'))
@@ -238,7 +212,7 @@ def test_resume_after_kill(tmp_path, monkeypatch):
   assert first == sorted(s + '.array_record' for s in calls[:2])
   mtimes = {f: os.stat(os.path.join(d, f)).st_mtime_ns for f in first}
 
-  m = prepare.run(c, work, log=_quiet)
+  m = prepare.run(c, work, log=quiet)
   assert prepare.is_complete(c, work)
   assert {f: os.stat(os.path.join(d, f)).st_mtime_ns for f in first} == mtimes
   total = sum(v['count'] for v in m['splits'].values())
@@ -256,7 +230,7 @@ def test_resume_after_kill(tmp_path, monkeypatch):
                                       m['splits']['valid']['shards'][0])]
   mtimes = {f: os.stat(os.path.join(d, f)).st_mtime_ns for f in keep}
   assert not prepare.is_complete(c, work)
-  m2 = prepare.run(c, work, log=_quiet)
+  m2 = prepare.run(c, work, log=quiet)
   assert m2 == m and prepare.is_complete(c, work)
   assert {f: os.stat(os.path.join(d, f)).st_mtime_ns for f in keep} == mtimes
   assert {f: open(os.path.join(d, f), 'rb').read() for f in ref} == ref
@@ -264,7 +238,7 @@ def test_resume_after_kill(tmp_path, monkeypatch):
   # A changed data field: manifest invalid, shards whose content changed are rebuilt.
   c.data.synthetic.per_pitch_family = 3
   assert not prepare.is_complete(c, work)
-  m3 = prepare.run(c, work, log=_quiet)
+  m3 = prepare.run(c, work, log=quiet)
   assert sum(v['count'] for v in m3['splits'].values()) == 30
   assert sorted(f for f in os.listdir(d) if f.endswith('.array_record')) == sorted(
       s for v in m3['splits'].values() for s in v['shards'])
@@ -273,9 +247,9 @@ def test_resume_after_kill(tmp_path, monkeypatch):
 def test_same_output_with_1_and_2_workers(tmp_path):
   out = {}
   for w in (1, 2):
-    c = _small_synthetic(prepare_workers=w)
+    c = small_synthetic_config(prepare_workers=w)
     work = str(tmp_path / f'w{w}')
-    prepare.run(c, work, log=_quiet)
+    prepare.run(c, work, log=quiet)
     d = os.path.join(work, 'data')
     out[w] = {f: open(os.path.join(d, f), 'rb').read() for f in sorted(os.listdir(d))
               if not f.endswith('.done.json')}
@@ -292,5 +266,5 @@ def test_bad_path_is_config_error(tmp_path):
   c.data.source = 'nsynth'
   c.data.path = str(tmp_path / 'missing')
   with pytest.raises(ConfigError, match='data.path'):
-    prepare.run(c, str(tmp_path / 'w'), log=_quiet)
+    prepare.run(c, str(tmp_path / 'w'), log=quiet)
   assert not prepare.is_complete(c, str(tmp_path / 'w'))

@@ -9,7 +9,7 @@ import shutil
 import numpy as np
 import pytest
 
-from tests.helpers import small_tiny_config
+from tests.helpers import quiet, small_synthetic_config, small_tiny_config
 from mars_jax import config as config_lib
 from mars_jax import main
 
@@ -45,10 +45,6 @@ def _changed(config, **fields):
   return c
 
 
-def _quiet(*a, **k):
-  pass
-
-
 def _folder_config(tmp_path, rows):
   """The tiny config on a folder source at tmp_path/corpus whose labels.csv holds `rows`."""
   from tests.helpers import load_config
@@ -70,7 +66,7 @@ def test_a_refused_run_changes_nothing(workdir_copy, stages):
   before = _tree(w)
   other = _changed(config, data__pitch_range=(49, 72))
   with pytest.raises(config_lib.ConfigError) as e:
-    main.run(other, w, stages=stages, out=_quiet)
+    main.run(other, w, stages=stages, out=quiet)
   msg = str(e.value)
   assert 'new --workdir' in msg and '--force' in msg and 'tokenizer' in msg
   assert _tree(w) == before                      # config.json, data/, checkpoints: untouched
@@ -84,7 +80,7 @@ def test_a_stage_without_its_input_is_refused_before_config_json(workdir_copy):
   other = _changed(config, autoregressor__depth=3, autoregressor__heads=3,
                    autoregressor__width=48)
   with pytest.raises(config_lib.ConfigError, match='needs the autoregressor stage'):
-    main.run(other, w, stages=('sample',), out=_quiet)
+    main.run(other, w, stages=('sample',), out=quiet)
   assert _tree(w) == before
 
 
@@ -109,7 +105,7 @@ def test_prepare_alone_never_replaces_data_under_checkpoints(workdir_copy):
   w, config = workdir_copy
   before = _tree(w)
   with pytest.raises(config_lib.ConfigError, match='checkpoints'):
-    prepare.run(_changed(config, data__pitch_range=(49, 72)), w, log=_quiet)
+    prepare.run(_changed(config, data__pitch_range=(49, 72)), w, log=quiet)
   assert _tree(w) == before
 
 
@@ -136,7 +132,7 @@ def test_batch_versus_devices_is_checked_before_prepare(tmp_path):
   c = small_tiny_config()
   c.tokenizer.train.batch_size = 12               # 8 simulated devices (conftest)
   with pytest.raises(config_lib.ConfigError, match='tokenizer.train.batch_size=12'):
-    main.run(c, str(tmp_path / 'w'), stages=('prepare', 'tokenizer'), out=_quiet)
+    main.run(c, str(tmp_path / 'w'), stages=('prepare', 'tokenizer'), out=quiet)
   assert not (tmp_path / 'w').exists()
 
 
@@ -284,7 +280,7 @@ def test_prepare_checks_label_vocabularies(tmp_path):
   for f in ('a.wav', 'b.wav'):
     sf.write(os.path.join(c.data.path, f), tone, 8000)
   with pytest.raises(pipeline.DataError, match=r"instrument.*'tab\\there'.*control"):
-    prepare.run(c, str(tmp_path / 'work'), log=_quiet)
+    prepare.run(c, str(tmp_path / 'work'), log=quiet)
   assert not (tmp_path / 'work' / 'data').exists()
 
 
@@ -387,9 +383,8 @@ def test_only_damage_counts_as_damage(workdir_copy):
 def test_truncated_shard_is_not_prepared_and_is_redone(tmp_path):
   from mars_jax.data import pipeline
   from mars_jax.stages import prepare
-  from test_prepare import _small_synthetic
-  c, w = _small_synthetic(), str(tmp_path / 'w')
-  m = prepare.run(c, w, log=_quiet)
+  c, w = small_synthetic_config(), str(tmp_path / 'w')
+  m = prepare.run(c, w, log=quiet)
   ddir = pathlib.Path(w, 'data')
   shard = ddir / m['splits']['train']['shards'][0]
   good = shard.read_bytes()
@@ -409,7 +404,7 @@ def test_a_split_that_ends_up_empty_is_an_error(tmp_path):
   from mars_jax.stages import prepare
   c = _folder_config(tmp_path, 'gone1.wav,64,a,train\ngone2.wav,65,a,train\n')
   with pytest.raises(pipeline.DataError, match=r"split 'train' ends up empty: 2 notes listed"):
-    prepare.run(c, str(tmp_path / 'w'), log=_quiet)
+    prepare.run(c, str(tmp_path / 'w'), log=quiet)
   assert not prepare.is_complete(c, str(tmp_path / 'w'))
 
 
@@ -438,7 +433,7 @@ def test_a_workdir_in_use_is_refused_naming_the_holder(tmp_path):
     (w / '.lock').write_text(json.dumps(_lock_info(holder.pid, age_s=5)))
     with pytest.raises(Exception, match=rf'in use by another run: pid {holder.pid} on host '
                                         rf'{socket.gethostname()}, started 20\d\d-') as e:
-      main.run(c, str(w), stages=('prepare',), out=_quiet)
+      main.run(c, str(w), stages=('prepare',), out=quiet)
     from mars_jax import fs
     assert isinstance(e.value, fs.WorkdirError)          # the CLI: 'error: ...', exit 2
     assert sorted(os.listdir(w)) == ['.lock']            # nothing else written
@@ -458,7 +453,7 @@ def test_lock_of_another_host_is_stale_only_without_heartbeat(tmp_path):
   w.mkdir()
   (w / '.lock').write_text(json.dumps(_lock_info(1, host='tpu-vm-7', age_s=3600, beat_age_s=30)))
   with pytest.raises(workdir.WorkdirLocked, match='pid 1 on host tpu-vm-7'):
-    workdir.Lock(str(w), _quiet).acquire()
+    workdir.Lock(str(w), quiet).acquire()
   (w / '.lock').write_text(json.dumps(_lock_info(1, host='tpu-vm-7', age_s=3600,
                                                  beat_age_s=workdir.STALE_S + 60)))
   said = []
@@ -474,7 +469,7 @@ def test_the_lock_is_held_while_stages_run(tmp_path, monkeypatch):
   seen = []
   monkeypatch.setattr(prepare, 'run', lambda config, w: seen.append(
       json.loads(pathlib.Path(w, '.lock').read_text())))
-  main.run(small_tiny_config(), str(tmp_path / 'w'), stages=('prepare',), out=_quiet)
+  main.run(small_tiny_config(), str(tmp_path / 'w'), stages=('prepare',), out=quiet)
   assert seen and seen[0]['pid'] == os.getpid()
   assert not (tmp_path / 'w' / '.lock').exists()
 
@@ -483,9 +478,9 @@ def test_bucket_lock_round_trip(tmp_path, monkeypatch):
   from tests import fake_gcs
   from mars_jax import workdir
   fake_gcs.use(tmp_path, monkeypatch)
-  a = workdir.Lock('gs://b/run', _quiet).acquire()
+  a = workdir.Lock('gs://b/run', quiet).acquire()
   with pytest.raises(workdir.WorkdirLocked, match=f'pid {os.getpid()}'):
-    workdir.Lock('gs://b/run', _quiet).acquire()
+    workdir.Lock('gs://b/run', quiet).acquire()
   a.release()
   assert not (tmp_path / 'b' / 'run' / '.lock').exists()
 
@@ -565,7 +560,7 @@ def test_evaluate_without_samples_is_refused_before_training_classifiers(workdir
   shutil.rmtree(os.path.join(w, 'samples'))
   before = _tree(w)
   with pytest.raises(config_lib.ConfigError, match=r'samples\.json.*add sample to --stages'):
-    main.run(config, w, stages=('evaluate',), out=_quiet)
+    main.run(config, w, stages=('evaluate',), out=quiet)
   assert _tree(w) == before and not os.path.exists(os.path.join(w, 'eval'))
 
 

@@ -7,12 +7,11 @@ import os
 import numpy as np
 import pytest
 
-from tests.helpers import load_config
+from tests.helpers import load_config, quiet, read_split
 from mars_jax import config as config_lib
 from mars_jax.config import ConfigError
 from mars_jax.data import audio_io, sources, soundfont
 from mars_jax.stages import prepare
-from tests.test_prepare import _quiet, _read_split
 
 TIMGM6MB = '/usr/share/sounds/sf2/TimGM6mb.sf2'
 
@@ -229,7 +228,7 @@ def test_corrupt_soundfont_is_a_config_error_naming_it(tmp_path, content):
   with pytest.raises(ConfigError, match=r'data.path.*broken\.sf2.*(not a SoundFont)'):
     sources.get_source(_config(path=str(bad)))
   with pytest.raises(ConfigError, match=r'data.path.*broken\.sf2'):
-    prepare.run(_config(path=str(bad)), str(tmp_path / 'w'), log=_quiet)
+    prepare.run(_config(path=str(bad)), str(tmp_path / 'w'), log=quiet)
   assert not os.path.exists(tmp_path / 'w')
 
 
@@ -251,7 +250,7 @@ def test_prepare_renders_in_workers(tmp_path):
   c = _config(pitch_range=(83, 84), examples_per_shard=8, prepare_workers=2,
               soundfont__families=('reed', 'organ'))
   work = str(tmp_path / 'w')
-  m = prepare.run(c, work, log=_quiet)
+  m = prepare.run(c, work, log=quiet)
   assert prepare.is_complete(c, work)
   src = sources.get_source(c)
   listed = {s: len(src.examples(s)) for s in sources.SPLITS}
@@ -269,7 +268,7 @@ def test_prepare_renders_in_workers(tmp_path):
     assert json.load(f) == m
   by_name = {e.name: e for s in sources.SPLITS for e in src.examples(s)}
   for split in sources.SPLITS:
-    recs = _read_split(work, m, split)
+    recs = read_split(work, m, split)
     assert len(recs) == m['splits'][split]['count'] > 0
     for r in recs:
       e = by_name[r['name']]
@@ -280,4 +279,4 @@ def test_prepare_renders_in_workers(tmp_path):
       wave, fixes = audio_io.load_clip(e.load, 8000, 8192)
       assert fixes == []
       np.testing.assert_array_equal(r['spec'], spectrogram(wave, c.spectrogram).astype(np.float16))
-  assert prepare.run(c, work, log=_quiet) == m    # complete: nothing redone
+  assert prepare.run(c, work, log=quiet) == m    # complete: nothing redone

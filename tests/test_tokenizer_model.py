@@ -5,6 +5,7 @@ import jax.numpy as jnp
 import ml_collections as mlc
 import numpy as np
 import optax
+import pytest
 
 from tests.helpers import load_config
 from mars_jax.config import derive
@@ -122,6 +123,7 @@ def test_gan_pieces():
   assert out.shape[0] == 2 and out.shape[-1] == 1 and out.shape[1] >= 2
 
 
+@pytest.mark.slow
 def test_overfit_few_examples():
   """A narrow tokenizer on tiny-shaped inputs (32x32x16 -> 8x8 latent) learns in 150 Adam steps."""
   cfg = mlc.ConfigDict(dict(l1_weight=1.0, l2_weight=1.0, vq_weight=1.0))

@@ -3,6 +3,7 @@ gate init by depth, stochastic depth, a float32 head under bf16, float32 quantiz
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
 from tests.helpers import load_config
 from mars_jax import config as config_lib
@@ -40,6 +41,7 @@ def test_truncated_normal_has_the_configured_std():
   assert np.abs(x).max() <= 2 * 0.02 / 0.8796 + 1e-9
 
 
+@pytest.mark.slow
 def test_gate_init_and_drop_path_follow_depth_unless_set():
   config = load_config('tiny')
   shapes = config_lib.derive(config)
@@ -60,6 +62,7 @@ def test_gate_init_and_drop_path_follow_depth_unless_set():
   assert abs(ratio / (1e-3 / 0.5) - 1) < 0.1
 
 
+@pytest.mark.slow
 def test_drop_path_only_in_training_and_never_at_the_first_block():
   plain, dropped = _model(), _model(drop_path=0.5)
   params = {'params': _noisy_params(plain)}
@@ -81,6 +84,7 @@ def test_drop_path_only_in_training_and_never_at_the_first_block():
                                  rngs={'dropout': jax.random.key(3)})))
 
 
+@pytest.mark.slow
 def test_head_and_logits_are_float32_under_bf16():
   m = _model(dtype=jnp.bfloat16)
   params = {'params': _noisy_params(_model())}
