@@ -15,4 +15,8 @@ def get_config():
   c.tokenizer.train.compute_dtype = 'bfloat16'
   c.autoregressor.depth = 16
   c.autoregressor.train.compute_dtype = 'bfloat16'
+  # Also save every 30 minutes of wall time: a preemption without SIGTERM (a maintenance
+  # event, a lost node) then costs at most that, not the hours between step checkpoints.
+  for stage in ('tokenizer', 'autoregressor', 'classifier'):
+    c[stage].train.checkpoint_minutes = 30.0
   return c

@@ -17,7 +17,8 @@ SOURCES = ('synthetic', 'nsynth', 'folder', 'soundfont')
 # Fields that change how fast a stage runs or how audio is decoded later, not what it writes:
 # left out of every fingerprint, so changing them reuses the work already done.
 NOT_CONTENT = ('data.prepare_workers', 'data.loader_workers', 'spectrogram.griffin_lim_iters',
-               'spectrogram.griffin_lim_momentum')
+               'spectrogram.griffin_lim_momentum', 'tokenizer.train.checkpoint_minutes',
+               'autoregressor.train.checkpoint_minutes', 'classifier.train.checkpoint_minutes')
 
 
 class ConfigError(ValueError):
@@ -131,6 +132,9 @@ def derive(config) -> Shapes:
                   'checkpoint_every', 'log_every', 'eval_every'):
       if tr[field] < 1:
         raise ConfigError(f'{stage}.train.{field}={tr[field]} must be >= 1.')
+    if not tr.get('checkpoint_minutes', 0) >= 0:   # also False for nan
+      raise ConfigError(f'{stage}.train.checkpoint_minutes={tr.checkpoint_minutes} must be >= 0 '
+                        f'(0 = by steps only, e.g. 30).')
     if not 0 <= tr.warmup_fraction < 1:
       raise ConfigError(f'{stage}.train.warmup_fraction={tr.warmup_fraction} must be in [0, 1).')
     if not 0 <= tr.warmup_steps < tr.steps:

@@ -210,6 +210,51 @@ def test_kill_and_resume_match_uninterrupted(tmp_path, monkeypatch):
   assert_same_trace(_trace(d), ref_trace)
 
 
+class FakeTime:
+  """The engine's `time` module with a monotonic clock the test sets (wall time stays real)."""
+
+  def __init__(self):
+    self.now = 0.0
+
+  def monotonic(self):
+    return self.now
+
+  def __getattr__(self, name):
+    import time
+    return getattr(time, name)
+
+
+@pytest.mark.slow
+def test_checkpoint_by_wall_time_saves_off_the_step_grid_and_resumes_equal(tmp_path, monkeypatch):
+  """checkpoint_minutes=3 with a fake clock at 1 minute a batch: saves at steps 4 and 7 (batches
+  0..3 took 3 minutes; checkpoint_every=8 would save only at the end); a crash at batch 6
+  resumes from step 4 and ends where the uninterrupted run ends."""
+  clock = FakeTime()
+  monkeypatch.setattr(engine, 'time', clock)
+
+  def tick(n):     # fetching batch n: n minutes since the start
+    clock.now = 60.0 * n
+  one = jax.devices()[:1]
+  cfg = make_config(steps=8, checkpoint_every=8, keep_checkpoints=5, checkpoint_minutes=3)
+  run = lambda d, hook=tick: engine.train(make_task(), cfg, 'tokenizer', d,
+                                          lambda: Hooked(make_iter(), hook), devices=one)
+  ref_dir = str(tmp_path / 'ref')
+  ref = run(ref_dir)
+  assert ckpt.manager(ckpt.ckpt_dir(ref_dir)).all_steps() == [4, 7, 8]
+
+  def crash(n):
+    tick(n)
+    if n == 6:
+      raise RuntimeError('node lost')
+  d = str(tmp_path / 'crash')
+  with pytest.raises(RuntimeError, match='node lost'):
+    run(d, crash)
+  assert ckpt.manager(ckpt.ckpt_dir(d)).latest_step() == 4
+  state = run(d)
+  assert_trees_close(state.params, ref.params, tol=1e-6)
+  assert_same_trace(_trace(d), _trace(ref_dir))
+
+
 @pytest.mark.slow
 def test_nan_loss_stops_naming_step_and_checkpoint(tmp_path):
   d = str(tmp_path / 'nan')

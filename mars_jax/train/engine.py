@@ -15,6 +15,9 @@ in fp32) sets `cast_params=False` and reads `compute_dtype` from the config itse
 Failure surfaces (for the CLI):
   * SIGTERM -> the loop saves at the current step, waits for the write and raises `Preempted`
     (the CLI should exit 143 = 128+SIGTERM so a scheduler requeues; a rerun resumes).
+  * `<stage>.train.checkpoint_minutes` > 0 also saves whenever that much wall time passed since
+    the last save: a preemption that sends no SIGTERM (a TPU maintenance event, a killed node)
+    loses at most that much, however long `checkpoint_every` steps take.
   * non-finite loss / grad norm at step j -> `NonFiniteLoss` naming j and the last good
     checkpoint; the bad update is not applied and nothing is saved after it.
   * bad mesh/batch config -> `mars_jax.config.ConfigError` before anything compiles.
@@ -405,10 +408,17 @@ class _SigtermFlag:
 
   def any_process(self) -> bool:
     """All processes must save the same step: agree on the flag (one tiny all-gather)."""
+    return self.agree(False)[0]
+
+  def agree(self, time_due: bool) -> tuple[bool, bool]:
+    """(any process got SIGTERM, process 0's clock says a timed save is due), the same on every
+    process, in one tiny all-gather: every process saves at the same step. Process 0 alone
+    decides the time, since the hosts' clocks and compile times differ."""
     if jax.process_count() == 1:
-      return self.flag
+      return self.flag, time_due
     from jax.experimental import multihost_utils
-    return bool(np.any(multihost_utils.process_allgather(np.int32(self.flag))))
+    got = np.asarray(multihost_utils.process_allgather(np.int32([self.flag, time_due])))
+    return bool(np.any(got[:, 0])), bool(got[0, 1])
 
 
 # --- the loop ----------------------------------------------------------------------------------
@@ -521,14 +531,21 @@ def train(task: Task, config, stage: str, stage_dir: str, train_iter_fn: Callabl
 
       window, pending = [], None
       t_win, s_win = time.time(), start
+      every_s = 60.0 * float(tc.get('checkpoint_minutes', 0) or 0)
+      t_saved = time.monotonic()
       for step_no in range(start, tc.steps):
-        if sigterm.any_process():
+        preempted, timed = sigterm.agree(every_s > 0 and time.monotonic() - t_saved >= every_s)
+        if preempted or (timed and last_saved != step_no):
           if pending is not None:
             check(*pending, window)
+            pending = None
           if last_saved != step_no:
             ckpt.save(mngr, step_no, state, it)
-          mngr.wait_until_finished()
-          raise Preempted(stage, step_no, directory)
+            last_saved, t_saved = step_no, time.monotonic()
+            logger.flush()
+          if preempted:
+            mngr.wait_until_finished()
+            raise Preempted(stage, step_no, directory)
         batch = put_batch(next(it), mesh)
         state, metrics = train_step.step(state, batch)
         if pending is not None:          # check step n-1 while step n runs: no pipeline stall
@@ -547,7 +564,7 @@ def train(task: Task, config, stage: str, stage_dir: str, train_iter_fn: Callabl
         pending = None
         if do_ckpt:
           ckpt.save(mngr, done, state, it)
-          last_saved = done
+          last_saved, t_saved = done, time.monotonic()
         record = {}
         if do_log:
           now = time.time()
