@@ -19,7 +19,8 @@ from tests.helpers import load_config, small_tiny_config  # noqa: E402
 
 def pytest_configure(config):
   config.addinivalue_line(
-      'markers', 'multihost: multi-process jax.distributed tests (slow; deselect: -m "not multihost")')
+      'markers', 'multihost: multi-process jax.distributed tests (also slow; deselect: '
+      '-m "not multihost")')
   config.addinivalue_line(
       'markers', 'slow: tests of ~10 s or more on a 2-core machine (the developer loop is '
       'python -m pytest -m "not slow", under 3 minutes; CI runs everything)')

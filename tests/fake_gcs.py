@@ -2,10 +2,10 @@
 
 `gs://bucket/key` is the file ROOT/bucket/key. Like GCS it has no append and no rename, so code
 that appends to or renames a workdir file fails here as it would on a bucket. fsspec routes
-gs:// to it (epath's fsspec backend -> this class); the two native readers of gs:// (orbax's tensorstore
-and ArrayRecord) cannot be redirected, so `use(root, monkeypatch)` points mars_jax's two seams for
-them (checkpoint._orbax_path, pipeline._array_records) at the same local files and records the
-URIs they were given.
+gs:// to it (epath's fsspec backend -> this class); the two native readers of gs:// (orbax's
+tensorstore and ArrayRecord) cannot be redirected, so `use(root, monkeypatch)` points mars_jax's
+two seams for them (checkpoint._orbax_path, pipeline._array_records) at the same local files and
+records the URIs they were given.
 """
 import os
 import shutil

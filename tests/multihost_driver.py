@@ -15,7 +15,6 @@ checkpoint S is on disk: a hard crash mid-run with a known last checkpoint.
 import argparse
 import os
 import signal
-import sys
 import time
 
 from tests.helpers import load_config

@@ -1,4 +1,5 @@
-"""The training engine on a toy MLP: sharding equivalence, resume, preemption, NaN, bad config, logs."""
+"""The training engine on a toy MLP: sharding equivalence, resume, preemption, NaN, bad config,
+logs."""
 import json
 import os
 import signal
@@ -24,7 +25,8 @@ B = 8          # global batch
 
 @pytest.fixture(scope='module', autouse=True)
 def compile_cache(tmp_path_factory):
-  """Persistent XLA cache for this module: the resume tests recompile identical steps (~4x faster)."""
+  """Persistent XLA cache for this module: the resume tests recompile identical steps (~4x
+  faster)."""
   names = ('jax_compilation_cache_dir', 'jax_persistent_cache_min_compile_time_secs',
            'jax_persistent_cache_min_entry_size_bytes')
   old = {n: getattr(jax.config, n) for n in names}

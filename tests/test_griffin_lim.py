@@ -74,8 +74,9 @@ def test_more_iterations_and_random_phase(tiny_notes):
   s, shapes, mag = tiny_notes
   m = jnp.asarray(mag[:1])
   key = jax.random.PRNGKey(0)
-  sc = [float(gl.spectral_convergence(mag[:1], gl.griffin_lim(m, s.n_fft, s.hop, shapes.n_samples, k,
-                                                               0.99, key), s.n_fft, s.hop)[0])
+  sc = [float(gl.spectral_convergence(
+            mag[:1], gl.griffin_lim(m, s.n_fft, s.hop, shapes.n_samples, k, 0.99, key), s.n_fft,
+            s.hop)[0])
         for k in (4, 32)]
   assert sc[1] < sc[0] < 1.0
 

@@ -10,7 +10,6 @@ apart, and that setup.cfg's python_requires is what the dependencies need.
 """
 import configparser
 import importlib.metadata
-import json
 import os
 import re
 import shutil
@@ -194,7 +193,8 @@ def test_distributed_plan_reads_what_the_scripts_set():
                                            'num_processes': 2, 'process_id': 1}
   # Flags win over the environment; one process means no initialize at all.
   assert distributed.plan('h:9', 4, 3, environ=env)['process_id'] == 3
-  assert distributed.plan(environ={**env, 'MARS_NUM_PROCESSES': '1', 'MARS_PROCESS_ID': '0'}) is None
+  single = {**env, 'MARS_NUM_PROCESSES': '1', 'MARS_PROCESS_ID': '0'}
+  assert distributed.plan(environ=single) is None
   assert distributed.plan(environ={}) is None
   # SLURM with several tasks: jax's own detection (no arguments); one task: single process.
   assert distributed.plan(environ={'SLURM_NTASKS': '8', 'SLURM_PROCID': '3'}) == {}
@@ -504,7 +504,8 @@ if [[ "${{1:-}}" == -m && "${{2:-}}" == mars_jax.main ]]; then
   shift 2
   f="{root}/task-$MARS_PROCESS_ID"
   {{ printf 'args:'; printf ' %s' "$@"; echo
-     env | grep -E '^(MARS_[A-Z_]*|JAX_PLATFORMS|XLA_FLAGS|NCCL_DEBUG|SLURM_PROCID)=' | sort; }} > "$f.call"
+     env | grep -E '^(MARS_[A-Z_]*|JAX_PLATFORMS|XLA_FLAGS|NCCL_DEBUG|SLURM_PROCID)=' |
+       sort; }} > "$f.call"
   case "${{FAKE_MODE:-ok}}" in
     ok) exit 0 ;;
     preempt) exit 143 ;;

@@ -117,7 +117,8 @@ def test_every_readme_row_builds_as_written(row):
   name, chips, topo, shape, tok_batch, var_batch = row
   devs = _devices_for(name, chips)
   if devs[0].platform == 'tpu':
-    assert partitioning.topology(devs).startswith(topo + ' TPU'), (topo, partitioning.topology(devs))
+    got = partitioning.topology(devs)
+    assert got.startswith(topo + ' TPU'), (topo, got)
   data, fsdp, tensor = shape
   mesh = partitioning.make_mesh(_large(data=-1, fsdp=fsdp, tensor=tensor), devs)
   assert tuple(mesh.shape.values()) == shape

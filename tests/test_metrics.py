@@ -48,8 +48,10 @@ def test_kid_self_is_zero_and_grows_with_shift():
 
 def test_kid_deterministic_given_seed_and_symmetricish():
   x, y = _gauss(300, 4, 0), _gauss(300, 4, 1, 0.5)
-  assert M.kid(x, y, subsets=5, subset_size=100, seed=3) == M.kid(x, y, subsets=5, subset_size=100, seed=3)
-  assert M.kid(x, y, subsets=5, subset_size=300) == pytest.approx(M.kid(y, x, subsets=5, subset_size=300), rel=1e-9)
+  assert (M.kid(x, y, subsets=5, subset_size=100, seed=3)
+          == M.kid(x, y, subsets=5, subset_size=100, seed=3))
+  assert (M.kid(x, y, subsets=5, subset_size=300)
+          == pytest.approx(M.kid(y, x, subsets=5, subset_size=300), rel=1e-9))
 
 
 def test_kid_kernel_value_matches_definition():
@@ -64,7 +66,8 @@ def test_kid_kernel_value_matches_definition():
   kxx = sum(k(xs[i], xs[j]) for i in range(m) for j in range(m) if i != j) / (m * (m - 1))
   kyy = sum(k(ys[i], ys[j]) for i in range(m) for j in range(m) if i != j) / (m * (m - 1))
   kxy = sum(k(xs[i], ys[j]) for i in range(m) for j in range(m)) / (m * m)
-  assert M.kid(x, y, c=c, subsets=1, subset_size=10, seed=7) == pytest.approx(kxx + kyy - 2 * kxy, rel=1e-10)
+  assert (M.kid(x, y, c=c, subsets=1, subset_size=10, seed=7)
+          == pytest.approx(kxx + kyy - 2 * kxy, rel=1e-10))
 
 
 def test_fd_self_is_zero_and_grows_with_shift():
@@ -91,7 +94,8 @@ def test_fd_from_stats_rotation_invariant():
   mu1, mu2 = rng.normal(size=5), rng.normal(size=5)
   v1, v2 = rng.uniform(0.2, 3, 5), rng.uniform(0.2, 3, 5)
   q, _ = np.linalg.qr(rng.normal(size=(5, 5)))
-  got = M.frechet_distance_from_stats(q @ mu1, q @ np.diag(v1) @ q.T, q @ mu2, q @ np.diag(v2) @ q.T)
+  got = M.frechet_distance_from_stats(q @ mu1, q @ np.diag(v1) @ q.T,
+                                      q @ mu2, q @ np.diag(v2) @ q.T)
   assert got == pytest.approx(_diag_closed_form(mu1, v1, mu2, v2), rel=1e-8)
 
 

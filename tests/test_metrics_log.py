@@ -1,4 +1,4 @@
-"""metrics_log: metrics.jsonl and the TensorBoard events (tensorboardX) on a disk and in a bucket."""
+"""metrics_log: metrics.jsonl and TensorBoard events (tensorboardX) on a disk and in a bucket."""
 import json
 import math
 

@@ -9,7 +9,6 @@ import soundfile as sf
 from tests.helpers import load_config, quiet, read_split, small_synthetic_config
 from mars_jax.audio.spectrogram import spectrogram
 from mars_jax.data import prepare as data_prepare
-from mars_jax.data import records
 from mars_jax.stages import prepare
 
 

@@ -40,7 +40,8 @@ def _note(midi, seed=0):
 def fake_workdir(root):
   """metrics.jsonl for three stages, a 2 x 2 grid with 3 filled cells (2 notes each) and 2
   listening triples (3 notes each). Returns (report path, notes on the page / 2)."""
-  for name, n in (('tokenizer', 30), ('autoregressor', 20), (os.path.join('eval', 'pitch_classifier'), 1)):
+  stages = (('tokenizer', 30), ('autoregressor', 20), (os.path.join('eval', 'pitch_classifier'), 1))
+  for name, n in stages:
     os.makedirs(os.path.join(root, name), exist_ok=True)
     with open(os.path.join(root, name, 'metrics.jsonl'), 'w') as f:
       for s in range(1, n + 1):
@@ -135,7 +136,8 @@ def test_report_shows_where_quality_is_lost(tmp_path):
   assert dec[1:] == ['-', '-', '0.0200', '-'], dec
   assert 'pitch_within_semitone_se' not in page   # shown in the table, not listed again
   triples = _table(page, 'triples')
-  assert [r[0] for r in triples[1:]] == ['brass, MIDI 60test/brass_60', 'flute, MIDI 67test/flute_67']
+  assert [r[0] for r in triples[1:]] == ['brass, MIDI 60test/brass_60',
+                                         'flute, MIDI 67test/flute_67']
   for r in triples[1:]:   # original, Griffin-Lim, round trip: each a player and an image
     assert [c.split(':')[0] for c in r[1:]] == ['original', 'Griffin-Lim', 'round trip']
   body = re.search(r'<table class="triples">(.*?)</table>', page, re.S).group(1)

@@ -22,7 +22,8 @@ STAGES = ('tokenizer', 'autoregressor', 'classifier')
 
 
 def _cli_config(*overrides, name='tiny'):
-  """The config exactly as `python -m mars_jax.main --config=configs/<name>.py <overrides>` gets it."""
+  """The config exactly as `python -m mars_jax.main --config=configs/<name>.py <overrides>` gets
+  it."""
   argv = ['prog', f'--config={ROOT / "configs" / f"{name}.py"}', *overrides]
   fv = flags.FlagValues()
   config_flags.DEFINE_config_file('config', None, 'config', flag_values=fv, lock_config=True,

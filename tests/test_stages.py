@@ -101,7 +101,8 @@ def test_generator_seeds_and_errors(generator):
 def test_kv_cache_matches_full_forward_with_the_real_tokenizer(generator):
   g = generator
   def step(k, f_hat, tok):
-    return g.tokenizer.apply({'params': g.tokenizer_params}, k, f_hat, tok, method=Tokenizer.next_input)
+    return g.tokenizer.apply({'params': g.tokenizer_params}, k, f_hat, tok,
+                             method=Tokenizer.next_input)
   args = (g.var_params, jnp.array([0, 5, 11]), jnp.array([0, 1, 3]), jnp.array([1, 2, 3]),
           jax.random.PRNGKey(7))
   kw = dict(next_input_fn=step, latent_shape=g.shapes.latent, cfg=2.0, top_k=50, top_p=0.9)

@@ -178,8 +178,8 @@ class FolderSource(Source):
         if (fn.lower().endswith(AUDIO_EXTS) and rel not in listed
             and os.path.abspath(full) != csv_abs):
           split = hash_split(rel, vf, tf)
-          per_split[split][1].append({'file': rel, 'split': split,
-                                      'reason': f'missing labels: not in {os.path.basename(self.csv)}'})
+          reason = f'missing labels: not in {os.path.basename(self.csv)}'
+          per_split[split][1].append({'file': rel, 'split': split, 'reason': reason})
     self._rows = {s: (e, sorted(k, key=lambda d: d['file']), n[0])
                   for s, (e, k, n) in per_split.items()}
     return self._rows

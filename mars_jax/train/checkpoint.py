@@ -108,7 +108,7 @@ def _first_restorable(directory, steps, restore_one, what):
   for step in sorted(steps, reverse=True):
     try:
       return step, restore_one(step), bad
-    except Exception as e:  # noqa: BLE001 - classified just below
+    except Exception:  # noqa: BLE001 - classified just below
       reason = verify(directory, step)
       if reason is None:
         raise

@@ -57,7 +57,7 @@ def _slices(devices) -> list:
 
 
 def _is_cuboid(devices) -> bool:
-  """True when TPU devices fill a whole box of chip coordinates (a slice, not an arbitrary subset)."""
+  """True when TPU devices fill a whole box of chip coordinates (a slice, not any subset)."""
   try:
     coords = [tuple(d.coords) for d in devices]
     cores = [int(d.core_on_chip) for d in devices]
