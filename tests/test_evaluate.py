@@ -13,10 +13,12 @@ import numpy as np
 import pytest
 import soundfile as sf
 
+from mars_jax import config as config_lib
+from mars_jax import trained
 from mars_jax import workdir as workdir_lib
 from mars_jax.data import audio_io, sources
 from mars_jax.evaluate import classifiers
-from mars_jax.stages import evaluate, prepare, tokenizer
+from mars_jax.stages import evaluate, prepare
 
 from tests.helpers import load_config
 
@@ -82,8 +84,8 @@ def untrained_tokenizer_checkpoint(config, workdir):
   tests' job, so save small random params in the layout restore_params reads (state/params)."""
   import jax
   from mars_jax.train import checkpoint, partitioning
-  shapes = tokenizer.config_lib.derive(config)
-  model = tokenizer.build_model(config, shapes)
+  shapes = config_lib.derive(config)
+  model = trained.build_tokenizer(config, shapes)
   x = np.zeros((1,) + shapes.image, np.float32)
   rng = jax.random.PRNGKey(0)
   shapes_only = jax.eval_shape(lambda r: model.init({'params': r, 'dropout': r}, x), rng)

@@ -65,10 +65,9 @@ def describe(stage, task, batch):
 
 out = {'mesh': dict(mesh.shape), 'budget_gib': float(config.mesh.memory_budget_gib)}
 tb = config.tokenizer.train.batch_size
-task, _ = tokenizer.make_task(config, shapes)
+task, tok_model = tokenizer.make_task(config, shapes)
 out['tokenizer'] = describe('tokenizer', task, {'image': sds((tb,) + shapes.image, jnp.float32)})
 from mars_jax.stages import autoregressor as ar_stage
-tok_model = tokenizer.build_model(config, shapes)
 task, _ = ar_stage.make_task(config, shapes, NSYNTH_FAMILIES, tok_model)   # init needs no tokenizer
 ab = config.autoregressor.train.batch_size
 out['autoregressor'] = describe('autoregressor', task, {

@@ -250,12 +250,14 @@ class _FakeGenerator:
 
 
 def test_sample_file_names_are_slugs_and_samples_json_keeps_the_names(tmp_path, monkeypatch):
-  from mars_jax.stages import autoregressor as ar_stage
+  from mars_jax import workdir as workdir_lib
   from mars_jax.stages import sample as sample_stage
   c = small_tiny_config()
   c.sample.num = 0                              # the whole grid: every name
   shapes = config_lib.derive(c)
-  monkeypatch.setattr(ar_stage, 'is_complete', lambda *a: True)
+  complete = workdir_lib.complete   # a trained autoregressor, as far as the sample stage asks
+  monkeypatch.setattr(workdir_lib, 'complete',
+                      lambda cfg, w, stage: stage == 'autoregressor' or complete(cfg, w, stage))
   monkeypatch.setattr(sample_stage.Generator, 'from_workdir',
                       staticmethod(lambda *a, **k: _FakeGenerator(shapes.n_samples)))
   w = tmp_path / 'w'
