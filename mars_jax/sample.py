@@ -58,7 +58,9 @@ class Generator:
     config = config or workdir_lib.load_config(workdir)
     workdir_lib.check_generator(config, workdir)   # tokenizer, autoregressor, data: one config
     manifest = workdir_lib.load_manifest(workdir)
-    mesh = partitioning.make_mesh(_one_device(config), jax.devices()[:1])
+    # This process's own first device: with several processes each holds a whole copy (the
+    # restore is collective, every process reads), so each can sample alone (stages/sample.py).
+    mesh = partitioning.make_mesh(_one_device(config), jax.local_devices()[:1])
     tok_params, tok_model = trained.load_tokenizer(config, workdir, mesh)
     n_inst = trained.num_instruments(config, manifest)
     var_params, var_model = trained.load_autoregressor(config, workdir, mesh, n_inst)

@@ -1,5 +1,5 @@
 """One process of the multi-process test: join, train the tiny tokenizer then the autoregressor a
-few steps each, dump results.
+few steps each, sample, dump results.
 
   python -m tests.multihost_driver --workdir=W --run=NAME [--coordinator=H:P --num_processes=N
       --process_id=I] [--die_process=I --die_at_batch=K --die_after_ckpt=S]
@@ -41,6 +41,7 @@ def tiny_config(steps=STEPS):
   t.steps, t.batch_size, t.checkpoint_every = AR_STEPS, BATCH, AR_STEPS
   t.log_every, t.eval_every = 1, 10_000   # the engine still evaluates once, at the last step
   t.warmup_steps = 0   # else step 0 trains at lr 0 and 3 steps leave the VAR near its init
+  c.sample.num, c.sample.batch_size = 4, 2   # two batches: one for each of two processes
   return c
 
 
@@ -118,7 +119,7 @@ def main():
   from mars_jax.data import pipeline
   from mars_jax import trained
   from mars_jax import workdir as workdir_lib
-  from mars_jax.stages import autoregressor, tokenizer
+  from mars_jax.stages import autoregressor, sample, tokenizer
   from mars_jax.train import engine, partitioning
 
   config = tiny_config()
@@ -147,6 +148,7 @@ def main():
   ar_params, _ = trained.load_autoregressor(config, run_dir, partitioning.make_mesh(config),
                                             n_instruments)
   _save(os.path.join(run_dir, 'ar.npz'), ar_params)
+  sample.run(config, run_dir)          # the stage as the CLI runs it: batches over the processes
   print(f'driver: process {pi} done', flush=True)
 
 

@@ -96,6 +96,26 @@ def _assert_params_close(a, b):
     np.testing.assert_allclose(a[k], b[k], rtol=2e-4, atol=2e-5, err_msg=k)
 
 
+def _assert_samples_match_one_process(workdir, run):
+  import soundfile
+  from mars_jax.sample import Generator
+  from tests import multihost_driver
+  run_dir = os.path.join(workdir, run)
+  with open(os.path.join(run_dir, 'samples', 'samples.json')) as f:
+    entries = json.load(f)
+  assert len(entries) == 4
+  gen = Generator.from_workdir(run_dir, multihost_driver.tiny_config())
+  want = gen.audio(gen.spectrograms([e['pitch'] for e in entries],
+                                    [e['instrument'] for e in entries],
+                                    [e['seed'] for e in entries]))
+  for e, w in zip(entries, want):
+    got, sr = soundfile.read(os.path.join(run_dir, 'samples', e['file']), dtype='float32')
+    assert sr == gen.sample_rate
+    # Same tokens, so the same note; float noise between runs of XLA on CPU (~5e-4 after
+    # Griffin-Lim's iterations) is far below what a different token would change.
+    np.testing.assert_allclose(got, np.clip(w, -1, 1), atol=5e-3, err_msg=e['file'])
+
+
 @pytest.fixture(scope='module')
 def workdir(tmp_path_factory):
   """The tiny synthetic data set, prepared once (per_pitch_family=1: 96 training notes)."""
@@ -163,6 +183,10 @@ def test_two_processes_match_one_then_survive_a_crash_and_resume(workdir):
   ar_eval2 = _losses(workdir, 'crash', 'autoregressor', 'eval/loss')
   assert ar_eval2 == pytest.approx(ar_eval1, rel=1e-5, abs=1e-6), (ar_eval1, ar_eval2)
   _assert_params_close(_params(workdir, 'crash', 'ar.npz'), ar_ref)
+
+  # The sample stage with 2 processes: each sampled one of the 2 batches and wrote its wavs;
+  # they are the notes one process makes from the same models.
+  _assert_samples_match_one_process(workdir, 'crash')
   print(f'\nmultihost: one {t_first:.0f}s; crash+resume {time.time() - t1:.0f}s; survivor '
         f'exited {survivor_exit} {t_survivor:.0f}s after its peer died; autoregressor losses '
         f'{[round(ar1[s], 6) for s in sorted(ar1)]}')

@@ -53,6 +53,14 @@ def _gcd(a, b):
 
 
 def run(config, workdir):
+  """Samples the configured requests into DIR/samples.
+
+  With several processes the batches are dealt round-robin: process i samples batches i, i+P, ...
+  on its own first device (each holds the whole model: the frozen sampler is small and needs no
+  collectives) and writes their wavs to the shared workdir; after a barrier process 0 writes
+  samples.json and the marker. Sharding, not process 0 alone, because a pod then samples P
+  times faster and no host waits minutes in a barrier; a note depends only on its request, seed
+  and batch, so the files equal a 1-process run's."""
   config_lib.derive(config)
   if not workdir_lib.complete(config, workdir, 'autoregressor'):
     raise config_lib.ConfigError(f'sampling needs a trained autoregressor for this config in '
@@ -65,14 +73,17 @@ def run(config, workdir):
   s = config.sample
   entries = []
   bs = max(1, s.batch_size)
+  pi, pc = jax.process_index(), jax.process_count()
   bar = progress.Progress('sample', len(reqs), 'notes', every=bs)
-  for start in range(0, len(reqs), bs):
+  for k, start in enumerate(range(0, len(reqs), bs)):
     chunk = reqs[start:start + bs]
     seeds = [s.seed + start + j for j in range(len(chunk))]
-    waves = gen.audio(gen.spectrograms([p for p, _ in chunk], [i for _, i in chunk], seeds))
+    mine = k % pc == pi
+    if mine:
+      waves = gen.audio(gen.spectrograms([p for p, _ in chunk], [i for _, i in chunk], seeds))
     for j, ((pitch, inst), seed) in enumerate(zip(chunk, seeds)):
       name = file_name(start + j, pitch, inst, seed)   # the real name goes in the entry
-      if jax.process_index() == 0:
+      if mine:
         save_wav(fs.join(out, name), waves[j], gen.sample_rate)
       entries.append({'file': name, 'pitch': pitch, 'instrument': inst,
                       'instrument_label': config.data.instrument_label, 'seed': seed,
@@ -80,6 +91,9 @@ def run(config, workdir):
                       'sample_rate': gen.sample_rate, 'duration': float(config.spectrogram.duration)})
     bar.update(min(start + bs, len(reqs)))
   bar.close()
-  if jax.process_index() == 0:
+  if pc > 1:   # every wav is written before samples.json says the folder is complete
+    from jax.experimental import multihost_utils
+    multihost_utils.sync_global_devices('mars_jax/samples_written')
+  if pi == 0:
     fs.write_text(fs.join(out, workdir_lib.SAMPLES_JSON), json.dumps(entries, indent=1))
   workdir_lib.mark_complete(out, fp, count=len(entries))
