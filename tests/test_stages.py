@@ -15,6 +15,7 @@ from mars_jax.models.tokenizer import Tokenizer
 from mars_jax.sample import Generator
 from mars_jax.stages import sample as sample_stage
 from mars_jax.stages import tokenizer as tok_stage
+from tests.helpers import read_tensorboard_scalars
 
 
 def _metrics(workdir, stage):
@@ -39,6 +40,10 @@ def test_tokenizer_learns(trained_workdir):
   # Images and audio of each eval: original and reconstruction side by side.
   last = os.path.join(workdir, 'tokenizer', 'eval', 'step_0000030')
   assert {'0_original.png', '0_reconstructed.png', '0_reconstructed.wav'} <= set(os.listdir(last))
+  # TensorBoard's copy of the curves, written to the bucket (whole-object uploads), reads back.
+  tb = read_tensorboard_scalars(os.path.join(workdir, 'tokenizer', 'tensorboard'))
+  assert [s for s, _ in tb['loss']] == [r['step'] for r in rows if 'loss' in r]
+  assert [s for s, _ in tb['eval/mse']] == [r['step'] for r in rows if 'eval/mse' in r]
 
 
 def test_autoregressor_learns(trained_workdir):
