@@ -56,7 +56,8 @@ def derive(config) -> Shapes:
   n = int(round(n_exact))
   if abs(n - n_exact) > 1e-6:
     raise ConfigError(f'spectrogram.duration={s.duration} gives a non-integer number of samples '
-                      f'at sample_rate={s.sample_rate}; choose a duration d with sample_rate*d whole.')
+                      f'at sample_rate={s.sample_rate}; choose a duration d with sample_rate*d '
+                      f'whole.')
   if s.n_fft % 2 or s.n_fft < 4:
     raise ConfigError(f'spectrogram.n_fft={s.n_fft} must be even and >= 4, e.g. 1024.')
   if s.hop <= 0 or n % s.hop:
@@ -101,11 +102,11 @@ def derive(config) -> Shapes:
   if not scales or any(b <= a for a, b in zip(scales, scales[1:])) or scales[0] < 1:
     raise ConfigError(f'tokenizer.scales={scales} must be positive and strictly increasing.')
   if scales[-1] > latent[0]:
-    raise ConfigError(f'tokenizer.scales has {scales[-1]}, larger than the {latent[0]} x {latent[1]} '
-                      f'latent; the last scale must equal {latent[0]}.')
+    raise ConfigError(f'tokenizer.scales has {scales[-1]}, larger than the {latent[0]} x '
+                      f'{latent[1]} latent; the last scale must equal {latent[0]}.')
   if scales[-1] != latent[0]:
-    raise ConfigError(f'tokenizer.scales must end at the latent side {latent[0]} (got {scales[-1]}); '
-                      f'e.g. append {latent[0]}.')
+    raise ConfigError(f'tokenizer.scales must end at the latent side {latent[0]} '
+                      f'(got {scales[-1]}); e.g. append {latent[0]}.')
   if t.lookup not in ('l2', 'cosine'):
     raise ConfigError(f"tokenizer.lookup={t.lookup!r}: use 'l2' or 'cosine'.")
   if not 1 <= t.num_phi <= len(scales):
@@ -151,7 +152,8 @@ def derive(config) -> Shapes:
   width = a.width or 64 * a.depth
   heads = a.heads or a.depth
   if width % heads:
-    raise ConfigError(f'autoregressor.width={width} must be divisible by autoregressor.heads={heads}.')
+    raise ConfigError(f'autoregressor.width={width} must be divisible by '
+                      f'autoregressor.heads={heads}.')
   validate_sample(config.sample)
   if not a.drop_path < 1:
     raise ConfigError(f'autoregressor.drop_path={a.drop_path} must be < 1 (-1 = VAR\'s rule, '
@@ -225,8 +227,8 @@ def mesh_shape(config, num_devices: int) -> dict:
                         f'not whole; make the fixed axes divide {num_devices}.')
     sizes[free[0]] = num_devices // fixed
   if math.prod(sizes.values()) != num_devices:
-    raise ConfigError(f'mesh.data*mesh.fsdp*mesh.tensor = {math.prod(sizes.values())} but there are '
-                      f'{num_devices} devices; set one axis to -1 to take the rest.')
+    raise ConfigError(f'mesh.data*mesh.fsdp*mesh.tensor = {math.prod(sizes.values())} but there '
+                      f'are {num_devices} devices; set one axis to -1 to take the rest.')
   return sizes
 
 

@@ -78,9 +78,11 @@ def get_config():
   # --- data ---------------------------------------------------------------
   c.data = mlc.ConfigDict()
   c.data.source = 'synthetic'        # 'synthetic' | 'nsynth' | 'folder' | 'soundfont'
-  c.data.path = ''                   # nsynth: folder with nsynth-{train,valid,test}/; folder: audio root;
+  c.data.path = ''                   # nsynth: folder with nsynth-{train,valid,test}/;
+                                     # folder: audio root;
                                      # soundfont: the .sf2/.sf3 ('' = a system GM SoundFont)
-  c.data.labels_csv = ''             # folder source: CSV (file,pitch,instrument[,split]); '' = <path>/labels.csv
+  c.data.labels_csv = ''             # folder source: CSV (file,pitch,instrument[,split]);
+                                     # '' = <path>/labels.csv
   c.data.pitch_range = (21, 108)     # inclusive MIDI pitches kept
   c.data.instrument_sources = ()     # nsynth filter, e.g. ('acoustic',); () keeps all
   c.data.instrument_families = ()    # nsynth filter, e.g. ('brass', 'string'); () keeps all
@@ -99,11 +101,12 @@ def get_config():
   c.data.synthetic.per_pitch_family = 2    # train notes per (pitch, family)
   c.data.synthetic.valid_fraction = 0.1
   c.data.synthetic.test_fraction = 0.1
-  # data.source='soundfont': General MIDI programs rendered by FluidSynth (mars_jax/data/soundfont.py)
+  # data.source='soundfont': General MIDI programs rendered by FluidSynth
+  # (mars_jax/data/soundfont.py)
   c.data.soundfont = mlc.ConfigDict()
   c.data.soundfont.families = ('bass', 'brass', 'flute', 'guitar', 'keyboard', 'mallet', 'organ',
                                'reed', 'string', 'synth_lead', 'vocal')   # NSynth's 11
-  c.data.soundfont.programs_per_family = 0  # GM programs kept per family (seeded pick); 0 = all mapped
+  c.data.soundfont.programs_per_family = 0  # GM programs kept per family (seeded); 0 = all mapped
   c.data.soundfont.notes_per_pitch = 1      # velocities per (program, pitch), seeded pick; 0 = all
   c.data.soundfont.hold = 0.75              # key held for this fraction of the clip, then released
   c.data.soundfont.gain = 1.0               # FluidSynth synth.gain (its own default 0.2 is quiet)

@@ -121,9 +121,9 @@ class Generator:
     b, m = self.batch_size, len(p_ids)
     pad = b - m
     pad_to = lambda xs: np.asarray(list(xs) + [xs[-1]] * pad, np.int32)   # repeat the last
-    spec, _ = self.spectrogram_fn(self.var_params, self.tokenizer_params, jnp.asarray(pad_to(p_ids)),
-                            jnp.asarray(pad_to(i_ids)), jnp.asarray(pad_to(seeds)),
-                            jax.random.PRNGKey(0), *args)
+    spec, _ = self.spectrogram_fn(self.var_params, self.tokenizer_params,
+                                  jnp.asarray(pad_to(p_ids)), jnp.asarray(pad_to(i_ids)),
+                                  jnp.asarray(pad_to(seeds)), jax.random.PRNGKey(0), *args)
     return spec[:m]
 
   def spectrograms(self, pitches, instruments, seeds, cfg=None, top_k=None, top_p=None):

@@ -1,4 +1,5 @@
-"""mars_jax.progress: plain lines every N items off a terminal, a live line on one, process 0 only."""
+"""mars_jax.progress: plain lines every N items off a terminal, a live line on one, process 0
+only."""
 import io
 
 from mars_jax import progress

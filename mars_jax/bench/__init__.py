@@ -1,4 +1,5 @@
-"""Benchmarks (not tests): `python -m mars_jax.bench NAME [args]` runs `mars_jax.bench.NAME.main(argv)`.
+"""Benchmarks (not tests): `python -m mars_jax.bench NAME [args]` runs
+`mars_jax.bench.NAME.main(argv)`.
 
 Each module prints a markdown table row plus the machine it ran on, for BENCHMARKS.md.
 """

@@ -22,7 +22,8 @@ from mars_jax.evaluate import metrics as M
 
 
 def _machine():
-  return f'{machine.describe(with_jax=False)}, Python {platform.python_version()}, numpy {np.__version__}'
+  return (f'{machine.describe(with_jax=False)}, Python {platform.python_version()}, '
+          f'numpy {np.__version__}')
 
 
 def _time(fn, *args, **kw):

@@ -184,7 +184,8 @@ def table(result) -> str:
     lines.append(
         f'| {label} | {r["batch"]} | {r["compute_dtype"]} | {r["params"] / 1e6:.1f} M | '
         f'{r["compile_s"]:.1f} | {r["step_s"]:.4f} | {r["examples_per_s"]:.1f} | '
-        f'{_fmt(fl and fl / 1e12, ".3f")} | {_fmt(r["flops_per_s"] and r["flops_per_s"] / 1e12, ".1f")} | '
+        f'{_fmt(fl and fl / 1e12, ".3f")} | '
+        f'{_fmt(r["flops_per_s"] and r["flops_per_s"] / 1e12, ".1f")} | '
         f'{_fmt(r["mfu"] and 100 * r["mfu"], ".1f")} | {_gib(r["xla_bytes"])} | '
         f'{_gib(r["device_peak_bytes"])} |')
   s = result.get('sampling', {})
@@ -204,7 +205,8 @@ def table(result) -> str:
 def main(argv):
   p = argparse.ArgumentParser(prog='python -m mars_jax.bench gpu', description=__doc__,
                               formatter_class=argparse.RawDescriptionHelpFormatter)
-  p.add_argument('--config', default='base', help='configs/NAME.py (default base; tiny with --smoke)')
+  p.add_argument('--config', default='base',
+                 help='configs/NAME.py (default base; tiny with --smoke)')
   p.add_argument('--smoke', action='store_true',
                  help='tiny shapes and batches (CPU-sized): checks the code path, measures nothing')
   p.add_argument('--tok-batch', type=int, default=0,

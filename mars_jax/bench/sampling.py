@@ -8,8 +8,8 @@ Times the two jitted programs of `mars_jax.sample.Generator` exactly as `generat
   (c) both          (a) then (b), blocking only at the end.
 For each config and batch size: the first call of (a) and of (b) (compile + one run; the table's
 compile = first call - median call), then the median wall seconds of up to --reps calls
-(block_until_ready; fewer once they add up to --rep-seconds, e.g. base on a CPU). Real-time factor = batch * clip
-seconds / seconds per batch (higher is better).
+(block_until_ready; fewer once they add up to --rep-seconds, e.g. base on a CPU). Real-time
+factor = batch * clip seconds / seconds per batch (higher is better).
 
 By default the tokenizer and VAR are RANDOMLY INITIALISED at the config's shapes and dtypes
 (the models `load_params` would build, float32 params as restored from a checkpoint): random

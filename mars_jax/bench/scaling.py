@@ -58,7 +58,8 @@ class RandomBatches:
 def _tiny_config():
   """configs/tiny.py, loaded the way the CLI loads a config file."""
   import importlib.util
-  spec = importlib.util.spec_from_file_location('cfg_tiny', os.path.join(ROOT, 'configs', 'tiny.py'))
+  spec = importlib.util.spec_from_file_location('cfg_tiny',
+                                                os.path.join(ROOT, 'configs', 'tiny.py'))
   mod = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(mod)
   return mod.get_config()

@@ -6,7 +6,8 @@ throughput: the engine's own jitted train step (optimizer, dead-code re-seeding,
   `compiled.cost_analysis()` and, on a GPU with a known peak, MFU = flops / step time / peak.
 memory: peak memory of ONE base-config train step, from `compiled.memory_analysis()` of the
   compiled executable (compile only, nothing runs), for
-    cmx       CMX r=8: 64 x 64 x 64 input, channel_mult (1, 2, 2) -> 16 x 16 latent (configs/base.py)
+    cmx       CMX r=8: 64 x 64 x 64 input, channel_mult (1, 2, 2) -> 16 x 16 latent
+              (configs/base.py)
     none      no CMX: the 512 x 512 x 1 spectrogram, with three more down-samplings to reach the
               same 16 x 16 latent. Same widths as `cmx` at the resolutions both share
               (128 @ 64, 256 @ 32 and 16) and 128 at the three extra ones:
@@ -231,7 +232,8 @@ def print_throughput(rows, mach):
   print('| machine | date | config | image -> latent | dtype | params | batch | compile s | '
         'step s (median) | examples/s | GFLOP/step | TFLOP/s | MFU |')
   print('|---|---|---|---|---|---|---|---|---|---|---|---|---|')
-  short = f'{mach["cpu_count"]}-core {mach["backend"]} {mach["device_kind"]} (load {mach["loadavg"]})'
+  short = (f'{mach["cpu_count"]}-core {mach["backend"]} {mach["device_kind"]} '
+           f'(load {mach["loadavg"]})')
   for r in rows:
     fl, med = r['flops_per_step'], r['step_s_median']
     gflop = 'n/a' if not fl else f'{fl / 1e9:.1f}'

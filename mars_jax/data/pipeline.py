@@ -147,8 +147,8 @@ def make_iterator(config, data_dir: str, split: str, *, batch_size: int, shuffle
   config.seed) folded with the epoch, so every epoch has a new but reproducible order.
   Each global batch is consecutive examples of the one global order, process p holding
   its p-th slice: disjoint across processes, together the whole epoch, and the same
-  global batches for any process count. `worker_count` (default config.data.loader_workers) > 0 decodes in
-  that many spawned processes; the batches are identical to worker_count=0.
+  global batches for any process count. `worker_count` (default config.data.loader_workers) > 0
+  decodes in that many spawned processes; the batches are identical to worker_count=0.
   """
   pi, pc = _process(process_index, process_count)
   if batch_size % pc:

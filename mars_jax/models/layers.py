@@ -74,7 +74,8 @@ class Norm(nn.Module):
 
 
 class ResBlock(nn.Module):
-  """Pre-activation ResNet block: (GroupNorm, SiLU, conv3x3) x 2 plus a 1x1 shortcut if widths differ."""
+  """Pre-activation ResNet block: (GroupNorm, SiLU, conv3x3) x 2, plus a 1x1 shortcut if widths
+  differ."""
   features: int
   groups: int = 32
   dropout: float = 0.0

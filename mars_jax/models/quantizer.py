@@ -28,7 +28,8 @@ HIGHEST = jax.lax.Precision.HIGHEST
 
 @functools.lru_cache(maxsize=None)
 def area_matrix(n_in: int, n_out: int) -> np.ndarray:
-  """(n_out, n_in) adaptive-average-pooling weights: row i averages [floor(i*n/p), ceil((i+1)*n/p))."""
+  """(n_out, n_in) adaptive-average-pooling weights: row i averages
+  [floor(i*n/p), ceil((i+1)*n/p))."""
   m = np.zeros((n_out, n_in), np.float64)
   for i in range(n_out):
     start = (i * n_in) // n_out

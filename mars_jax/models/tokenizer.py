@@ -197,7 +197,8 @@ def tokenizer_loss(recon, x, aux, cfg):
 
 
 class PatchDiscriminator(nn.Module):
-  """PatchGAN (VQGAN's NLayerDiscriminator) with GroupNorm instead of BatchNorm: one logit per patch."""
+  """PatchGAN (VQGAN's NLayerDiscriminator) with GroupNorm instead of BatchNorm: one logit per
+  patch."""
   channels: int = 64
   num_layers: int = 3
   groups: int = 32

@@ -139,7 +139,8 @@ class RealSplit:
     cap = int(config.evaluate.max_real)
     idx = np.arange(n)
     if cap and n > cap:
-      rng = np.random.default_rng([int(config.seed), 0xE7A1, ('train', 'valid', 'test').index(split)])
+      split_id = ('train', 'valid', 'test').index(split)
+      rng = np.random.default_rng([int(config.seed), 0xE7A1, split_id])
       idx = np.sort(rng.choice(n, cap, replace=False))
     self.indices, self.split = idx, split
     self.label = str(config.data.instrument_label)

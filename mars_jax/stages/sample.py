@@ -88,7 +88,8 @@ def run(config, workdir):
       entries.append({'file': name, 'pitch': pitch, 'instrument': inst,
                       'instrument_label': config.data.instrument_label, 'seed': seed,
                       'cfg': float(s.cfg), 'top_k': int(s.top_k), 'top_p': float(s.top_p),
-                      'sample_rate': gen.sample_rate, 'duration': float(config.spectrogram.duration)})
+                      'sample_rate': gen.sample_rate,
+                      'duration': float(config.spectrogram.duration)})
     bar.update(min(start + bs, len(reqs)))
   bar.close()
   if pc > 1:   # every wav is written before samples.json says the folder is complete

@@ -187,7 +187,8 @@ def describe_schedule(stage, tc, params=None, mask_fn=None) -> str:
   pts = schedule_points(tc)
   line = (f'{stage}: lr schedule: {pts["steps"]} steps, warm-up {pts["warmup"]} steps '
           f'0 -> {pts["peak"]:g}, cosine to {pts["end"]:g} at the last step; '
-          f'AdamW b1={tc.b1:g} b2={tc.b2:g}, clip {tc.clip_norm:g}, weight decay {tc.weight_decay:g}')
+          f'AdamW b1={tc.b1:g} b2={tc.b2:g}, clip {tc.clip_norm:g}, '
+          f'weight decay {tc.weight_decay:g}')
   if params is not None:
     leaves = jax.tree.leaves(params)
     flags = jax.tree.leaves((mask_fn or decay_mask)(params))
@@ -203,7 +204,8 @@ def describe_schedule(stage, tc, params=None, mask_fn=None) -> str:
 
 def base_rng(config, stage):
   """Per-stage key: the same seed gives different streams to different stages."""
-  return jax.random.fold_in(jax.random.PRNGKey(config.seed), zlib.crc32(stage.encode()) & 0x7FFFFFFF)
+  salt = zlib.crc32(stage.encode()) & 0x7FFFFFFF
+  return jax.random.fold_in(jax.random.PRNGKey(config.seed), salt)
 
 
 def _cast_fn(dtype):
