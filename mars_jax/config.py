@@ -15,10 +15,12 @@ SOURCES = ('synthetic', 'nsynth', 'folder', 'soundfont')
 
 
 # Fields that change how fast a stage runs or how audio is decoded later, not what it writes:
-# left out of every fingerprint, so changing them reuses the work already done.
+# left out of every fingerprint, so changing them reuses the work already done (remat only
+# trades memory for recomputation: the same loss and gradients).
 NOT_CONTENT = ('data.prepare_workers', 'data.loader_workers', 'spectrogram.griffin_lim_iters',
                'spectrogram.griffin_lim_momentum', 'tokenizer.train.checkpoint_minutes',
-               'autoregressor.train.checkpoint_minutes', 'classifier.train.checkpoint_minutes')
+               'autoregressor.train.checkpoint_minutes', 'classifier.train.checkpoint_minutes',
+               'autoregressor.remat')
 
 
 class ConfigError(ValueError):
@@ -163,6 +165,9 @@ def derive(config) -> Shapes:
   if a.attention not in ('einsum', 'xla', 'cudnn', 'auto'):
     raise ConfigError(f"autoregressor.attention={a.attention!r}: use 'einsum', 'xla', 'cudnn' or "
                       f"'auto'.")
+  if a.remat not in ('none', 'dots', 'full'):
+    raise ConfigError(f"autoregressor.remat={a.remat!r}: use 'none' (save every activation), "
+                      f"'dots' (save the weight-matmul outputs) or 'full' (save block inputs).")
 
   return Shapes(n_samples=n, freq_bins=freq, frames=frames, image=image, latent=latent,
                 scales=scales, num_tokens=sum(p * p for p in scales),

@@ -167,6 +167,10 @@ def get_config():
   c.autoregressor.attention = 'auto'
   c.autoregressor.gate_init = 0.0    # AdaLN gate init; 0 = VAR's by depth (1e-3 <= 20, 1e-4 <= 24)
   c.autoregressor.drop_path = -1.0   # stochastic depth at the last block; -1 = VAR's 0.1*depth/24
+  # What each block keeps for the backward pass: 'none' (all), 'dots' (weight-matmul outputs;
+  # attention scores, norms, GELU recomputed), 'full' (block inputs only; ~1/3 more compute).
+  # Saved activations grow with depth x batch; large.py needs 'full' (see configs/large.py).
+  c.autoregressor.remat = 'none'
   c.autoregressor.train = _train(steps=200_000, batch_size=256, lr=1e-4)
 
   # --- sampling -----------------------------------------------------------

@@ -35,6 +35,7 @@ def test_nsynth_default_is_512_square():
     ('data.pitch_range', (80, 60), 'data.pitch_range'),
     ('data.source', 'mp3s', 'data.source'),
     ('tokenizer.train.steps', 0, 'tokenizer.train.steps=0'),
+    ('autoregressor.remat', 'dots_saveable', "autoregressor.remat='dots_saveable'"),
 ])
 def test_bad_field_is_named(field, value, needle):
   c = load_config('tiny')

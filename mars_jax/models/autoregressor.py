@@ -38,6 +38,16 @@ _LN_EPS = 1e-6
 #           (jax's own implementation=None picks XLA for our block-causal mask.)
 ATTENTION = ('einsum', 'xla', 'cudnn', 'auto')
 _MAX_LOG_SCALE = math.log(100.0)        # VAR clamps the learned attention temperature here
+# What each transformer block keeps for the backward pass (config autoregressor.remat); the
+# rest is recomputed there. The same function and gradients whichever is chosen:
+#   none  everything (fastest; the saved activations grow with depth x batch x L^2);
+#   dots  the outputs of the weight matmuls (qkv, proj, fc1, fc2) only: the attention scores
+#         and softmax, the norms and the GELU are recomputed (jax's
+#         dots_with_no_batch_dims_saveable; the attention einsums have batch dimensions);
+#   full  nothing but each block's input (nothing_saveable): the whole block runs twice.
+REMAT = {'none': None,
+         'dots': jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+         'full': jax.checkpoint_policies.nothing_saveable}
 
 
 def _p(init, names):
@@ -225,6 +235,7 @@ class VAR(nn.Module):
   attention: str = 'einsum'
   gate_init: float = 1e-3       # AdaLN gate init (VAR's alng; see gate_init_for_depth)
   drop_path: float = 0.0        # stochastic depth at the last block, 0 at the first; training only
+  remat: str = 'none'           # what a block saves for the backward pass: see REMAT
 
   @property
   def num_tokens(self) -> int:
@@ -248,8 +259,11 @@ class VAR(nn.Module):
     self.word_embed = nn.Dense(c, dtype=self.dtype,
                                kernel_init=_p(tn, (None, 'embed')),
                                bias_init=_p(nn.initializers.zeros, ('embed',)))
+    block = Block
+    if self.remat != 'none':   # per block, inside the scan; no CSE barrier needed under scan
+      block = nn.remat(Block, policy=REMAT[self.remat], prevent_cse=False)
     self.blocks = nn.scan(
-        Block,
+        block,
         variable_axes={'params': 0},
         split_rngs={'params': True, 'dropout': True},
         in_axes=(0, nn.broadcast, nn.broadcast, nn.broadcast, 0),
@@ -339,4 +353,5 @@ def from_config(config, shapes, num_instruments: int, dtype=None) -> VAR:
              mlp_ratio=float(a.mlp_ratio), label_dropout=float(a.label_dropout), dtype=dtype,
              attention=attention,
              gate_init=float(a.gate_init if a.gate_init > 0 else gate_init_for_depth(a.depth)),
-             drop_path=float(a.drop_path if a.drop_path >= 0 else drop_path_for_depth(a.depth)))
+             drop_path=float(a.drop_path if a.drop_path >= 0 else drop_path_for_depth(a.depth)),
+             remat=str(a.remat))
