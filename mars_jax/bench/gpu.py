@@ -106,19 +106,24 @@ def train_step(config, stage, batch, make, peak, warmup, steps, profile_dir=''):
   _log(f'[{stage}] batch {batch}: compiling ...')
   step = tok_bench.Step(config, batch, stage=stage, make=make)
   _log(f'[{stage}] compiled in {step.compile_s:.1f} s; {step.param_count / 1e6:.1f} M params')
+  mem = step.memory()
+  from mars_jax.train import engine
+  limit = engine.device_memory_limit()
+  warning = engine.memory_warning(stage, mem, limit)
+  if warning:
+    _log(f'[{stage}] WARNING: {warning}')
   times = step.time_steps(warmup=warmup, steps=steps, profile_dir=profile_dir)
   med = statistics.median(times)
   flops = tok_bench.flops_of(step.compiled)
   if stage == 'autoregressor':   # the scan over blocks hides all but one block from XLA's count
     flops = var_model_flops(config, step.shapes, batch)
-  mem = step.memory()
   out = {'batch': batch, 'params': step.param_count,
          'compute_dtype': config[stage].train.compute_dtype, 'compile_s': step.compile_s,
          'step_s': med, 'step_s_all': times, 'examples_per_s': batch / med,
          'flops_per_step': flops, 'flops_per_s': flops / med if flops else None,
          'mfu': flops / med / peak if (flops and peak) else None,
          'xla_bytes': mem.get('total_minus_alias_bytes'),
-         'device_peak_bytes': device_peak_bytes()}
+         'device_peak_bytes': device_peak_bytes(), 'device_limit_bytes': limit}
   del step
   return out
 

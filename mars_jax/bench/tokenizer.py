@@ -146,17 +146,8 @@ class Step:
                            for x in jax.tree.leaves(self.train_step.abstract.params))
 
   def memory(self) -> dict:
-    mem = self.compiled.memory_analysis()
-    if mem is None:
-      return {}
-    out = {k: int(getattr(mem, k, 0) or 0) for k in (
-        'argument_size_in_bytes', 'output_size_in_bytes', 'temp_size_in_bytes',
-        'alias_size_in_bytes', 'generated_code_size_in_bytes', 'peak_memory_in_bytes')}
-    out['total_bytes'] = (out['temp_size_in_bytes'] + out['argument_size_in_bytes']
-                          + out['output_size_in_bytes'])
-    # Donated state: outputs alias arguments, so the live peak is about total - alias.
-    out['total_minus_alias_bytes'] = out['total_bytes'] - out['alias_size_in_bytes']
-    return out
+    from mars_jax.train import engine
+    return engine.step_memory(self.compiled)
 
   def time_steps(self, warmup=2, steps=5, profile_dir=''):
     """Runs the compiled step on random images; returns the per-step wall times (s). With
