@@ -61,8 +61,11 @@ def gan():
   def recon_of(t):
     return model.apply({'params': t}, x, train=True, rngs={'dropout': rng})
 
-  def rec_fn(r):
-    return tcfg.l1_weight * jnp.mean(jnp.abs(r - x)) + tcfg.l2_weight * jnp.mean(jnp.square(r - x))
+  def rec_fn(r):  # VQGAN's nll_loss, with tokenizer.level_weight's weighted mean written out
+    w = 1.0 + tcfg.level_weight * (x + 1.0) / 2.0
+    l1 = jnp.sum(w * jnp.abs(r - x)) / jnp.sum(w)
+    l2 = jnp.sum(w * jnp.square(r - x)) / jnp.sum(w)
+    return tcfg.l1_weight * l1 + tcfg.l2_weight * l2
 
   def plain_loss(t):
     recon, aux = recon_of(t)
