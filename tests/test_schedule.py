@@ -72,14 +72,14 @@ def test_shipped_configs_schedule_follows_steps(name):
 
 
 def test_tiny_cadence_follows_its_counts():
-  """tiny states counts, not intervals: 3 saves and evals over its 900 tokenizer steps, 4 over
+  """tiny states counts, not intervals: 3 saves and evals over its 1800 tokenizer steps, 4 over
   the autoregressor's 400, 2 over the classifiers' 150; warm-ups are 5% of the steps."""
   c = load_config('tiny')
-  assert c.tokenizer.train.steps == 900
-  assert (c.tokenizer.train.checkpoint_every, c.tokenizer.train.eval_every) == (300, 300)
+  assert c.tokenizer.train.steps == 1800
+  assert (c.tokenizer.train.checkpoint_every, c.tokenizer.train.eval_every) == (600, 600)
   assert (c.autoregressor.train.checkpoint_every, c.autoregressor.train.eval_every) == (100, 100)
   assert (c.classifier.train.checkpoint_every, c.classifier.train.eval_every) == (75, 75)
-  assert c.tokenizer.train.warmup_steps == 45 and c.autoregressor.train.warmup_steps == 20
+  assert c.tokenizer.train.warmup_steps == 90 and c.autoregressor.train.warmup_steps == 20
 
 
 @pytest.mark.parametrize('steps', [2, 7, 57, 1000, 250_000])
@@ -124,14 +124,14 @@ def test_an_explicit_value_wins_over_the_rule():
 def test_derivation_survives_pickle_and_copies():
   c = load_config('tiny')
   for d in (pickle.loads(pickle.dumps(c)), c.copy_and_resolve_references()):
-    assert d.tokenizer.train.warmup_steps == 45
+    assert d.tokenizer.train.warmup_steps == 90
   d = pickle.loads(pickle.dumps(c))
   d.tokenizer.train.steps = 1000
-  assert d.tokenizer.train.warmup_steps == 50 and c.tokenizer.train.warmup_steps == 45
+  assert d.tokenizer.train.warmup_steps == 50 and c.tokenizer.train.warmup_steps == 90
 
 
 @pytest.mark.parametrize('field,value,needle', [
-    ('warmup_steps', 900, 'tokenizer.train.warmup_steps=900 must be in [0, steps=900)'),
+    ('warmup_steps', 1800, 'tokenizer.train.warmup_steps=1800 must be in [0, steps=1800)'),
     ('warmup_fraction', 1.0, 'tokenizer.train.warmup_fraction=1.0'),
     ('checkpoints_per_run', 0, 'tokenizer.train.checkpoints_per_run=0'),
     ('evals_per_run', 0, 'tokenizer.train.evals_per_run=0'),
@@ -162,7 +162,7 @@ def test_config_json_records_the_numbers_used(tmp_path):
 def test_schedule_line_names_warmup_peak_end_and_steps():
   tc = load_config('tiny').tokenizer.train
   line = engine.describe_schedule('tokenizer', tc)
-  assert '900 steps' in line and 'warm-up 45 steps 0 -> 0.001' in line
+  assert '1800 steps' in line and 'warm-up 90 steps 0 -> 0.001' in line
   assert 'cosine to 0.0001 at the last step' in line
 
 
