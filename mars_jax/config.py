@@ -20,7 +20,9 @@ SOURCES = ('synthetic', 'nsynth', 'folder', 'soundfont')
 NOT_CONTENT = ('data.prepare_workers', 'data.loader_workers', 'spectrogram.griffin_lim_iters',
                'spectrogram.griffin_lim_momentum', 'tokenizer.train.checkpoint_minutes',
                'autoregressor.train.checkpoint_minutes', 'classifier.train.checkpoint_minutes',
-               'autoregressor.remat')
+               'autoregressor.remat', 'tokenizer.train.preemption_check_every',
+               'autoregressor.train.preemption_check_every',
+               'classifier.train.preemption_check_every')
 
 
 class ConfigError(ValueError):
@@ -132,9 +134,10 @@ def derive(config) -> Shapes:
     tr = config[stage].train
     # Counts first: checkpoint_every / eval_every derive from them (defaults.py).
     for field in ('steps', 'batch_size', 'checkpoints_per_run', 'evals_per_run',
-                  'checkpoint_every', 'log_every', 'eval_every'):
-      if tr[field] < 1:
-        raise ConfigError(f'{stage}.train.{field}={tr[field]} must be >= 1.')
+                  'checkpoint_every', 'log_every', 'eval_every', 'preemption_check_every'):
+      value = tr.get(field, 1)        # a config.json older than a field keeps working
+      if value < 1:
+        raise ConfigError(f'{stage}.train.{field}={value} must be >= 1.')
     if not tr.get('checkpoint_minutes', 0) >= 0:   # also False for nan
       raise ConfigError(f'{stage}.train.checkpoint_minutes={tr.checkpoint_minutes} must be >= 0 '
                         f'(0 = by steps only, e.g. 30).')

@@ -36,6 +36,8 @@ def _train(steps, batch_size, lr):
   t.keep_checkpoints = 2
   t.checkpoint_minutes = 0.0         # > 0: also save when this much wall time passed since the
                                      # last save (a preemption without SIGTERM loses less)
+  t.preemption_check_every = 10     # several processes: SIGTERM / timed saves are agreed in a
+                                     # blocking all-gather at every this-many steps (1 = each step)
   t.log_every = 10
   t.evals_per_run = 4                # eval_every derives from it (see above)
   t.eval_every = _derived(_ceil_div, t.get_ref('steps'), t.get_ref('evals_per_run'))

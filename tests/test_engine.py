@@ -257,6 +257,36 @@ def test_checkpoint_by_wall_time_saves_off_the_step_grid_and_resumes_equal(tmp_p
   assert_same_trace(_trace(d), _trace(ref_dir))
 
 
+def test_preemption_is_agreed_every_n_steps_not_every_step(monkeypatch):
+  """Two processes (faked): the blocking all-gather runs at steps 0, 5, 10 only; between them no
+  process acts, so all save the same step; a SIGTERM on the other process is seen at the next
+  agreement step, and process 0's clock decides a timed save for everyone."""
+  from jax.experimental import multihost_utils
+  other = {'row': [0, 0]}
+  calls = []
+
+  def gather(x):
+    calls.append(np.asarray(x).tolist())
+    return np.stack([np.asarray(x), np.int32(other['row'])])
+  monkeypatch.setattr(jax, 'process_count', lambda: 2)
+  monkeypatch.setattr(multihost_utils, 'process_allgather', gather)
+  with engine.PreemptionPoll(every=5) as poll:
+    assert [poll.agree(s, False) for s in range(12)] == [(False, False)] * 12
+    assert len(calls) == 3                                   # steps 0, 5 and 10
+    other['row'] = [1, 1]                                    # SIGTERM there; its clock ignored
+    assert poll.agree(13, True) == (False, False) and len(calls) == 3
+    assert poll.agree(15, False) == (True, False)
+    other['row'] = [0, 0]
+    assert poll.agree(20, True) == (False, True)             # process 0's clock: a timed save
+    os.kill(os.getpid(), signal.SIGTERM)                     # here: only the flag is set
+    assert poll.agree(21, False) == (False, False)
+    assert poll.agree(25, False) == (True, False)
+  with engine.PreemptionPoll(every=5) as poll:               # one process: every step, no gather
+    monkeypatch.setattr(jax, 'process_count', lambda: 1)
+    os.kill(os.getpid(), signal.SIGTERM)
+    assert poll.agree(3, False) == (True, False) and len(calls) == 6
+
+
 @pytest.mark.slow
 def test_nan_loss_stops_naming_step_and_checkpoint(tmp_path):
   d = str(tmp_path / 'nan')

@@ -387,11 +387,19 @@ class TrainStep:
 # --- preemption --------------------------------------------------------------------------------
 
 
-class _SigtermFlag:
-  """SIGTERM only sets a flag; the loop saves at a step boundary (signal-safe, no torn state)."""
+class PreemptionPoll:
+  """SIGTERM only sets a flag; the loop saves at a step boundary (signal-safe, no torn state).
 
-  def __init__(self):
+  With several processes every one must save the same step, so the flag (and process 0's clock
+  for timed saves) is agreed in one tiny all-gather; that gather blocks dispatch, so it runs
+  only at steps that are multiples of `every` (the same steps on every process), not each step.
+  A SIGTERM then waits at most `every` steps: keep every x step time well under the platform's
+  grace period (30 s on Cloud TPU Spot). One process needs no agreement and looks every step.
+  """
+
+  def __init__(self, every: int = 1):
     self.flag = False
+    self.every = max(int(every), 1)
     self._prev = None
     self._installed = False
 
@@ -411,16 +419,14 @@ class _SigtermFlag:
     if self._installed:
       signal.signal(signal.SIGTERM, self._prev if self._prev is not None else signal.SIG_DFL)
 
-  def any_process(self) -> bool:
-    """All processes must save the same step: agree on the flag (one tiny all-gather)."""
-    return self.agree(False)[0]
-
-  def agree(self, time_due: bool) -> tuple[bool, bool]:
+  def agree(self, step: int, time_due: bool) -> tuple[bool, bool]:
     """(any process got SIGTERM, process 0's clock says a timed save is due), the same on every
-    process, in one tiny all-gather: every process saves at the same step. Process 0 alone
-    decides the time, since the hosts' clocks and compile times differ."""
+    process. Process 0 alone decides the time, since the hosts' clocks and compile times
+    differ. Between agreement steps both are False on every process."""
     if jax.process_count() == 1:
       return self.flag, time_due
+    if step % self.every:
+      return False, False
     from jax.experimental import multihost_utils
     got = np.asarray(multihost_utils.process_allgather(np.int32([self.flag, time_due])))
     return bool(np.any(got[:, 0])), bool(got[0, 1])
@@ -532,7 +538,8 @@ def train(task: Task, config, stage: str, stage_dir: str, train_iter_fn: Callabl
   mngr = ckpt.manager(directory, keep=tc.keep_checkpoints)
   logger = None
   try:
-    with jax.set_mesh(mesh), nn.logical_axis_rules(rules), _SigtermFlag() as sigterm:
+    poll = PreemptionPoll(tc.get('preemption_check_every', 1))
+    with jax.set_mesh(mesh), nn.logical_axis_rules(rules), poll as sigterm:
       train_step = TrainStep(task, config, stage, mesh, batch_abs)
       progress.say(describe_schedule(stage, tc, train_step.abstract.params, task.decay_mask))
       latest = mngr.latest_step()
@@ -583,7 +590,8 @@ def train(task: Task, config, stage: str, stage_dir: str, train_iter_fn: Callabl
       every_s = 60.0 * float(tc.get('checkpoint_minutes', 0) or 0)
       t_saved = time.monotonic()
       for step_no in range(start, tc.steps):
-        preempted, timed = sigterm.agree(every_s > 0 and time.monotonic() - t_saved >= every_s)
+        due = every_s > 0 and time.monotonic() - t_saved >= every_s
+        preempted, timed = sigterm.agree(step_no, due)
         if preempted or (timed and last_saved != step_no):
           if pending is not None:
             check(*pending, window)
