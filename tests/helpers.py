@@ -4,7 +4,27 @@ import os
 import pathlib
 import struct
 
+import pytest
+
 ROOT = pathlib.Path(__file__).resolve().parents[1]
+TIMGM6MB = '/usr/share/sounds/sf2/TimGM6mb.sf2'   # Debian's timgm6mb-soundfont
+
+
+def soundfont_missing():
+  """Why data.source='soundfont' cannot render here (what to install), or None."""
+  from mars_jax.data import soundfont
+  try:
+    soundfont.library()
+  except (ImportError, OSError, AttributeError) as e:
+    return (f'FluidSynth unavailable ({e}): pip install -e ".[soundfont]" and '
+            f'apt-get install libfluidsynth3')
+  if not os.path.isfile(TIMGM6MB):
+    return f'{TIMGM6MB} absent: apt-get install timgm6mb-soundfont'
+  return None
+
+
+# Tests that render skip, saying what to install (.ci/run installs both).
+needs_soundfont = pytest.mark.skipif(bool(soundfont_missing()), reason=soundfont_missing() or '')
 
 
 def load_config(name='tiny'):

@@ -7,27 +7,11 @@ import os
 import numpy as np
 import pytest
 
-from tests.helpers import load_config, quiet, read_split
+from tests.helpers import TIMGM6MB, load_config, needs_soundfont, quiet, read_split
 from mars_jax import config as config_lib
 from mars_jax.config import ConfigError
 from mars_jax.data import audio_io, sources, soundfont
 from mars_jax.stages import prepare
-
-TIMGM6MB = '/usr/share/sounds/sf2/TimGM6mb.sf2'
-
-
-def _binding_missing():
-  try:
-    soundfont.library()
-  except (ImportError, OSError, AttributeError) as e:
-    return (f'FluidSynth unavailable ({e}): pip install -e ".[soundfont]" and '
-            f'apt-get install libfluidsynth3')
-  if not os.path.isfile(TIMGM6MB):
-    return f'{TIMGM6MB} absent: apt-get install timgm6mb-soundfont'
-  return None
-
-
-needs_soundfont = pytest.mark.skipif(bool(_binding_missing()), reason=_binding_missing() or '')
 
 
 def _config(**data):
