@@ -35,6 +35,8 @@ def cut_down_small():
   for stage in ('tokenizer', 'autoregressor', 'classifier'):
     t = c[stage].train
     t.steps, t.batch_size, t.log_every = 2, 8, 1   # 8: one row per simulated device
+    t.checkpoints_per_run = t.evals_per_run = 1    # once, at the last step: fewer compiles
+  c.spectrogram.griffin_lim_iters = 4              # the front end's shapes stay small.py's
   c.sample.num, c.sample.batch_size = 2, 2
   c.evaluate.ceiling_notes = 2
   c.evaluate.ndb_bins = 2
