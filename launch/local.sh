@@ -12,7 +12,8 @@
 # Environment:
 #   NUM_PROCESSES   processes to start (default 2; -n overrides)
 #   PORT            coordinator port on 127.0.0.1 (default 12355)
-#   CPU_DEVICES     if set, simulate this many CPU devices per process (JAX_PLATFORMS=cpu)
+#   CPU_DEVICES     if set, simulate this many CPU devices per process (JAX_PLATFORMS=cpu; other
+#                   XLA_FLAGS are kept)
 #   GPUS            comma-separated GPU ids to split over the processes (default: the
 #                   CUDA_VISIBLE_DEVICES list, else every GPU nvidia-smi lists; none: no split)
 #   LOG_DIR         logs of processes 1..N-1 (default ./launch-logs)
@@ -85,11 +86,19 @@ if [[ "$DRY_RUN" != 1 ]]; then
   trap cleanup EXIT INT TERM
 fi
 
+# With CPU_DEVICES, the caller's other XLA flags (dumps, optimisation level) stay.
+xla_other="" xla_flags=()
+read -r -a xla_flags <<<"${XLA_FLAGS:-}"
+for flag in "${xla_flags[@]}"; do
+  [[ "$flag" == --xla_force_host_platform_device_count=* ]] || xla_other+="${xla_other:+ }$flag"
+done
+
 for ((i = 0; i < NUM_PROCESSES; i++)); do
   env_vars=(MARS_COORDINATOR="127.0.0.1:$PORT" MARS_NUM_PROCESSES="$NUM_PROCESSES"
             MARS_PROCESS_ID="$i")
   if [[ -n "${CPU_DEVICES:-}" ]]; then
-    env_vars+=(JAX_PLATFORMS=cpu XLA_FLAGS="--xla_force_host_platform_device_count=$CPU_DEVICES")
+    env_vars+=(JAX_PLATFORMS=cpu
+               XLA_FLAGS="--xla_force_host_platform_device_count=$CPU_DEVICES${xla_other:+ $xla_other}")
   elif ((per_process > 0)); then
     mine="${gpus[*]:i*per_process:per_process}"
     env_vars+=(CUDA_VISIBLE_DEVICES="${mine// /,}")
