@@ -27,7 +27,12 @@ import pytest
 
 from tests.helpers import ROOT, load_config
 
-pytestmark = [pytest.mark.slow, pytest.mark.multihost]
+# ~9 minutes of 8 processes compiling on 2 cores (14 beside other work): more than the whole
+# suite's budget allows, so it runs on request:
+#   MARS_LOCAL8=1 python -m pytest tests/test_local_launch.py
+pytestmark = [pytest.mark.slow, pytest.mark.multihost,
+              pytest.mark.skipif(os.environ.get('MARS_LOCAL8') != '1',
+                                 reason='8-process rehearsal, ~9 min on 2 cores: MARS_LOCAL8=1')]
 
 PROCESSES = 8
 RUN_TIMEOUT = 1500    # the 8-process run; generous: the 2-core CI machine may be shared
