@@ -42,9 +42,6 @@ import numpy as np
 from mars_jax.bench import machine as machine_lib
 
 STAGES = ('prepare', 'tokenizer', 'autoregressor', 'sample', 'evaluate')
-# The none arm's tokenizer: the config's widths where both resolutions exist, plain halvings
-# before them (bench.tokenizer's 'none' memory variant, the cheapest reasonable choice).
-NONE_EXTRA_DOWN = 'prepend 1s to tokenizer.channel_mult until the latent side matches'
 
 
 def _log(msg):
@@ -62,10 +59,14 @@ def load_config(path, mode, sets):
     key, _, value = item.partition('=')
     node = config
     *parents, leaf = key.split('.')
-    for p in parents:
-      node = node[p]
-    old = node[leaf]
-    node[leaf] = _parse_like(value, old)
+    try:
+      for p in parents:
+        node = node[p]
+      old = node[leaf]
+      node[leaf] = _parse_like(value, old)
+    except (KeyError, ValueError, SyntaxError) as e:
+      raise SystemExit(f'--set {item!r}: no such config field or a value of the wrong type '
+                       f'({type(e).__name__}: {e}); fields are listed in mars_jax/defaults.py.')
   config.cmx.mode = mode
   if mode == 'none':
     config.tokenizer.channel_mult = none_channel_mult(config)
