@@ -189,3 +189,35 @@ def test_metrics_real_notes_reach_the_ceiling_and_collapse_is_worse(workdir, tmp
   assert mc['pkid'] > m['pkid']
   # The real ceiling does not depend on the samples.
   assert mc['real_pis'] == pytest.approx(m['real_pis'])
+
+
+def test_batched_apply_pads_a_few_notes_to_a_small_batch_and_keeps_every_row():
+  """A handful of notes runs as the next power-of-two multiple of the data-parallel size, not a
+  whole batch of 64 (most of it padding); many notes still run in batches of 64. Every row comes
+  back, in order, equal to the function applied to it alone."""
+  import jax
+  import jax.numpy as jnp
+  from mars_jax.train import partitioning
+  mesh = partitioning.make_mesh(load_config('tiny'))
+  dp = mesh.shape['data'] * mesh.shape['fsdp']
+  seen = []
+
+  def fn(p, x):
+    seen.append(x.shape[0])                     # once per traced (compiled) batch shape
+    return {'sum': jnp.sum(x, (1, 2, 3)) * p, 'first': x[:, 0, 0, 0]}
+
+  jitted = jax.jit(fn, out_shardings=partitioning.replicated(mesh))
+  rng = np.random.default_rng(0)
+  for n in (1, 3, dp + 1, 70):
+    images = rng.normal(size=(n, 2, 3, 1)).astype(np.float32)
+    out = classifiers.batched_apply(jitted, np.float32(2.0), images, mesh, batch_size=64)
+    np.testing.assert_allclose(out['sum'], images.sum((1, 2, 3)) * 2.0, rtol=1e-6)
+    np.testing.assert_array_equal(out['first'], images[:, 0, 0, 0])
+  full = -(-64 // dp) * dp                      # 64 rounded up to whole shards
+
+  def expected(n):                              # the least dp * 2^j holding n, at most `full`
+    j = 0
+    while dp * 2 ** j < n:
+      j += 1
+    return min(dp * 2 ** j, full)
+  assert seen == sorted({expected(n) for n in (1, 3, dp + 1, 70)}), (seen, dp)

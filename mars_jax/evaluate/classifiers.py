@@ -76,12 +76,17 @@ def batched_apply(jitted, params, images, mesh, batch_size=64):
 
   Every process passes the same full array; each batch is split over the mesh's batch axes and
   the results come back replicated, so this works unchanged on one device or a pod. Batches
-  have one fixed shape (the tail is zero-padded, then trimmed): one compile per function.
+  have one fixed shape (the tail is zero-padded, then trimmed): one compile per function. Fewer
+  than `batch_size` images run as a power-of-two multiple of the data-parallel size instead, so
+  a handful of notes is not padded to a whole batch (at most log2(batch_size) more shapes).
   """
   images = np.asarray(images, np.float32)
   n = len(images)
   dp = mesh.shape['data'] * mesh.shape['fsdp']
-  bs = -(-batch_size // dp) * dp
+  per_shard = -(-batch_size // dp)
+  if n < per_shard * dp:
+    per_shard = min(per_shard, 1 << max(0, -(-n // dp) - 1).bit_length())
+  bs = per_shard * dp
   sharding = partitioning.batch_sharding(mesh)
   outs = []
   for i in range(0, n, bs):
