@@ -54,7 +54,15 @@ def load_config(path, mode, sets):
   spec = importlib.util.spec_from_file_location('ablation_config', path)
   mod = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(mod)
-  config = mod.get_config()
+  config = apply_sets(mod.get_config(), sets)
+  config.cmx.mode = mode
+  if mode == 'none':
+    config.tokenizer.channel_mult = none_channel_mult(config)
+  return config
+
+
+def apply_sets(config, sets):
+  """`--set FIELD=VALUE` overrides (a value parsed like the field's current one), in place."""
   for item in sets:
     key, _, value = item.partition('=')
     node = config
@@ -67,9 +75,6 @@ def load_config(path, mode, sets):
     except (KeyError, ValueError, SyntaxError) as e:
       raise SystemExit(f'--set {item!r}: no such config field or a value of the wrong type '
                        f'({type(e).__name__}: {e}); fields are listed in mars_jax/defaults.py.')
-  config.cmx.mode = mode
-  if mode == 'none':
-    config.tokenizer.channel_mult = none_channel_mult(config)
   return config
 
 

@@ -106,7 +106,8 @@ class Bench:
     self.gen, self.reps, self.rep_seconds = gen, reps, rep_seconds
     self.clip_s = float(gen.shapes.frames * gen.config.spectrogram.hop / gen.sample_rate)
 
-  def _args(self, batch):
+  def args(self, batch):
+    """The spectrogram program's arguments for `batch` requests (pitches and instruments cycled)."""
     import jax
     import jax.numpy as jnp
     s, sh = self.gen.config.sample, self.gen.shapes
@@ -129,7 +130,7 @@ class Bench:
   def run(self, batch):
     import jax
     spec_fn, audio_fn = self.gen.spectrogram_fn, self.gen.audio_fn
-    args = self._args(batch)
+    args = self.args(batch)
 
     def a():
       return jax.block_until_ready(spec_fn(*args)[0])
