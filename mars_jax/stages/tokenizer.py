@@ -11,8 +11,6 @@ from mars_jax import fs
 from mars_jax import trained
 from mars_jax import workdir as workdir_lib
 from mars_jax.audio import cmx as cmx_lib
-from mars_jax.audio import griffin_lim
-from mars_jax.data import pipeline
 from mars_jax.evaluate import ceilings, images
 from mars_jax.models import quantizer as quant_lib
 from mars_jax.models.tokenizer import (adaptive_gan_weight, hinge_d_loss, hinge_g_loss,
@@ -22,6 +20,7 @@ from mars_jax.train import engine
 NAME = 'tokenizer'
 RESEED_EVERY = 50  # steps over which a code must go unused to count as dead
 PITCH_EVAL_NOTES = 32  # held-out notes whose round-trip pitch (pyin) is logged at each eval
+EVAL_SHOWN = 4         # of them, the first few written as pictures and audio at each eval
 # The decoder's last layer, where VQGAN's adaptive GAN weight compares gradient norms.
 LAST_LAYER = ('decoder', 'conv_out', 'Conv_0', 'kernel')
 
@@ -140,19 +139,10 @@ def is_complete(config, workdir):
   return workdir_lib.complete(config, workdir, NAME)
 
 
-def _eval_examples(config, workdir, n=4):
-  """A fixed handful of held-out examples for the images/audio written at each eval.
-
-  Every process reads the same n (not a 1/process_count share): they go into the jit as one
-  replicated input, and n need not divide by the process count (4 on 8 or 16 hosts)."""
-  it = pipeline.eval_batches(config, workdir_lib.data_dir(workdir), 'valid', batch_size=n,
-                             max_examples=n, process_index=0, process_count=1)
-  return next(iter(it))
-
-
 def _pitch_notes(config, workdir, n=PITCH_EVAL_NOTES):
   """A fixed set of up to n held-out (valid) notes, evenly spread over the split:
-  (images (n, H, W, C), MIDI pitches (n,))."""
+  (images (n, H, W, C), MIDI pitches (n,)). Read one record at a time, the same on every
+  process (they go into the jit as one replicated input, whatever the process count)."""
   from mars_jax.stages import evaluate   # its RealSplit reads single records; no import cycle
   split = evaluate.RealSplit(config, workdir, 'valid')
   js = np.unique(np.linspace(0, len(split) - 1, min(n, len(split))).round().astype(int))
@@ -161,53 +151,42 @@ def _pitch_notes(config, workdir, n=PITCH_EVAL_NOTES):
   return cmx_lib.to_image(specs, config.cmx), np.array([int(r['pitch']) for r in recs])
 
 
-def make_pitch_eval(config, model, shapes, notes):
-  """params -> {recon_pitch_exact, recon_pitch_within_semitone, gl_pitch_*} on `notes`: the
-  tokenizer's round trip (encode -> tokens -> decode -> Griffin-Lim, jitted once) scored by
-  librosa.pyin as the evaluate stage scores it, next to Griffin-Lim of the true spectrogram
-  (computed at the first call only: it does not change while the tokenizer trains)."""
+def make_on_eval(config, model, shapes, notes, shown=EVAL_SHOWN):
+  """(params, step, stage_dir) -> {recon_pitch_*, gl_pitch_*}, run at every eval.
+
+  The tokenizer's round trip of `notes` (encode -> tokens -> decode -> Griffin-Lim, one jit),
+  scored by librosa.pyin as the evaluate stage scores it, next to Griffin-Lim of the true
+  spectrograms (computed at the first call only: it does not change while the tokenizer trains).
+  The first `shown` notes' spectrograms (original, reconstructed) and reconstructed audio go to
+  <stage_dir>/eval/step_N/: the same round trip, so nothing is decoded twice."""
   image, midi = notes
-  sr = int(config.spectrogram.sample_rate)
   if not len(midi):
-    return lambda params: {}
+    return lambda params, step, stage_dir: {}
+  spec_cfg = config.spectrogram
   fns = {g: jax.jit(ceilings.round_trip_fn(model, config, shapes, with_gl=g))
          for g in (False, True)}
-  gl = {}
+  originals = cmx_lib.from_image(np.asarray(image[:shown]), config.cmx, shapes.freq_bins,
+                                 shapes.frames)
+  gl, calls = {}, []
   keep = ('pitch_exact', 'pitch_within_semitone')
 
-  def pitch_eval(params):
-    outs = jax.device_get(fns[not gl](params, jnp.asarray(image)))   # with GL at the first call
+  def on_eval(params, step, stage_dir):
+    # Every process runs the same program (with Griffin-Lim of the true notes the first time).
+    outs = jax.device_get(fns[not calls](params, jnp.asarray(image)))
+    calls.append(step)
     if jax.process_index() != 0:
       return {}
     if not gl:
-      gl.update(ceilings.pitch_scores(outs['gl_wave'], sr, midi, 'gl_'))
-    rt = ceilings.pitch_scores(outs['recon_wave'], sr, midi, 'recon_')
-    return {f'{p}{k}': float(d[f'{p}{k}']) for p, d in (('recon_', rt), ('gl_', gl)) for k in keep}
-
-  return pitch_eval
-
-
-def make_on_eval(config, model, shapes, examples, pitch_eval=None):
-  spec_cfg = config.spectrogram
-  recon_fn = jax.jit(lambda p, x: model.apply({'params': p}, x)[0])
-
-  def on_eval(params, step, stage_dir):
-    recon = np.asarray(jax.device_get(recon_fn(params, jnp.asarray(examples['image']))))
-    scores = pitch_eval(params) if pitch_eval is not None else {}
-    if jax.process_index() != 0:
-      return scores
+      gl.update(ceilings.pitch_scores(outs['gl_wave'], spec_cfg.sample_rate, midi, 'gl_'))
+    rt = ceilings.pitch_scores(outs['recon_wave'], spec_cfg.sample_rate, midi, 'recon_')
     out = fs.makedirs(fs.join(stage_dir, 'eval', f'step_{step:07d}'))
-    to_spec = functools.partial(cmx_lib.from_image, cmx_cfg=config.cmx, freq=shapes.freq_bins,
-                                frames=shapes.frames)
-    originals = to_spec(np.asarray(examples['image']))
-    recons = np.clip(to_spec(recon), -1.0, 1.0)
-    waves = np.asarray(griffin_lim.to_audio(jnp.asarray(recons), spec_cfg))
-    for i in range(len(recons)):
+    for i in range(len(originals)):
       fs.write_bytes(out / f'{i}_original.png', images.spectrogram_png(originals[i], spec_cfg))
-      fs.write_bytes(out / f'{i}_reconstructed.png', images.spectrogram_png(recons[i], spec_cfg))
+      fs.write_bytes(out / f'{i}_reconstructed.png',
+                     images.spectrogram_png(outs['recon_spec'][i], spec_cfg))
       fs.write_bytes(out / f'{i}_reconstructed.wav',
-                     fs.wav_bytes(np.clip(waves[i], -1, 1), spec_cfg.sample_rate))
-    return scores
+                     fs.wav_bytes(outs['recon_wave'][i], spec_cfg.sample_rate))
+    return {f'{p}{k}': float(d[f'{p}{k}']) for p, d in (('recon_', rt), ('gl_', gl)) for k in keep}
 
   return on_eval
 
@@ -218,9 +197,7 @@ def run(config, workdir):
   fp = workdir_lib.fingerprint(config, NAME)
   workdir_lib.claim(stage_dir, fp, NAME)
   task, model = make_task(config, shapes)
-  examples = _eval_examples(config, workdir)
-  pitch_eval = make_pitch_eval(config, model, shapes, _pitch_notes(config, workdir))
-  on_eval = make_on_eval(config, model, shapes, examples, pitch_eval)
+  on_eval = make_on_eval(config, model, shapes, _pitch_notes(config, workdir))
   task = dataclasses.replace(
       task, on_eval=lambda p, step, d: on_eval(trained.tokenizer_params(config, p), step, d))
   trained.train(task, config, NAME, stage_dir, workdir, fp)
