@@ -1,0 +1,249 @@
+"""Train-step time of this checkout against an earlier commit, same shapes, measured in one run.
+
+Each side runs in its own child process with its own code (the earlier commit is extracted with
+`git archive` into a temporary folder and put first on PYTHONPATH), building the stage's train
+step the way that version's engine compiled it, at the same shapes, on random inputs: compile,
+`--warmup` untimed steps, the median of `--steps` timed ones. The two sides alternate, in a
+different order each round (`--rounds`), so a change of load on the machine falls on both; the
+table gives each side's median over its rounds and the speed-up (earlier / this).
+
+Parts (the shapes of issue 14's measurements):
+  var_tiny  autoregressor step: configs/tiny.py's VAR (depth 3, width 128, 4 heads, 85 tokens,
+            vocab 256), batch 32, with the frozen tiny tokenizer inside the step
+  var_mid   autoregressor step: configs/base.py's VAR cut to depth 8, width 512, 8 heads (680
+            tokens, vocab 4096), float32, batch 4, with base's frozen tokenizer inside the step
+  tok_tiny  tokenizer step: configs/tiny.py, batch 16
+
+Run:
+  python -m mars_jax.bench compare --against 1cba8b4 [--parts var_tiny,var_mid,tok_tiny]
+                                   [--rounds 3] [--steps 5] [--set FIELD=VALUE ...] [--json]
+`--set` overrides apply to this checkout's side only (e.g. autoregressor.remat=dots), so a
+setting can be measured against the earlier code as it was.
+
+This file is also the child (`--child PART`): it imports nothing of mars_jax at the top, so the
+same file drives whichever version PYTHONPATH points at.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+
+PARTS = {
+    # part: (stage, config file, batch)
+    'var_tiny': ('autoregressor', 'tiny', 32),
+    'var_mid': ('autoregressor', 'base', 4),
+    'tok_tiny': ('tokenizer', 'tiny', 16),
+}
+TARGETS = {'var_tiny': 1.6, 'var_mid': 1.4}   # issue 14: speed-up over commit 1cba8b4
+
+
+def _log(msg):
+  print(msg, file=sys.stderr, flush=True)
+
+
+# --- child: runs inside either version ---------------------------------------------------------
+
+
+def _load_config(root, name):
+  import importlib.util
+  spec = importlib.util.spec_from_file_location(f'cfg_{name}',
+                                                os.path.join(root, 'configs', f'{name}.py'))
+  mod = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(mod)
+  return mod.get_config()
+
+
+def _part_config(part, root):
+  stage, name, batch = PARTS[part]
+  c = _load_config(root, name)
+  if part == 'var_mid':
+    c.autoregressor.depth, c.autoregressor.width, c.autoregressor.heads = 8, 512, 8
+    for s in ('tokenizer', 'autoregressor'):
+      c[s].train.compute_dtype = 'float32'
+  c[stage].train.batch_size = batch
+  return c
+
+
+def _compiled_step(engine, task, config, stage, mesh, rules, batch_abs):
+  """(init(batch) -> state, step(state, batch) -> (state, metrics)) as this version's engine
+  compiles them: `engine.TrainStep` where it exists, else the engine's earlier free functions."""
+  import jax
+  if hasattr(engine, 'TrainStep'):
+    ts = engine.TrainStep(task, config, stage, mesh, batch_abs)
+    ts.compile()
+    return ts.init, ts.step
+  from mars_jax.train import checkpoint as ckpt                  # the earlier engine (1cba8b4)
+  from mars_jax.train import partitioning as part
+  tc = config[stage].train
+  tx, schedule = engine.make_optimizer(tc, task)
+  rng = engine._base_rng(config, stage)
+  abstract, shard = engine.state_shardings(task, tx, tc, mesh, rules, rng, batch_abs)
+  target = ckpt.abstract_with_shardings(abstract, shard)
+  frozen = {} if getattr(task, 'frozen', None) is None else task.frozen
+  jitted = jax.jit(engine._step_fn(task, tx, schedule, tc),
+                   in_shardings=(shard, {k: v.sharding for k, v in batch_abs.items()},
+                                 jax.tree.map(lambda a: a.sharding, frozen)),
+                   out_shardings=(shard, part.replicated(mesh)), donate_argnums=0)
+  compiled = jitted.lower(target, batch_abs, frozen).compile()
+  init = jax.jit(engine._init_fn(task, tx, tc, rng), out_shardings=shard)
+  return init, lambda state, batch: compiled(state, batch, frozen)
+
+
+def child(part, steps, warmup, sets):
+  import time
+  import flax.linen as nn
+  import jax
+  import numpy as np
+  from flax.linen import meta
+  from mars_jax import config as config_lib
+  from mars_jax.stages import autoregressor as ar_stage
+  from mars_jax.stages import tokenizer as tok_stage
+  from mars_jax.train import engine
+  from mars_jax.train import partitioning as part_lib
+
+  root = os.getcwd()
+  stage, _, batch = PARTS[part]
+  config = _part_config(part, root)
+  if sets:
+    from mars_jax.bench import ablation
+    ablation.apply_sets(config, sets)
+  shapes = config_lib.derive(config)
+  mesh, rules = part_lib.make_mesh(config), part_lib.logical_rules(config)
+  rng = np.random.default_rng(0)
+  local = {'image': rng.uniform(-1, 1, (batch,) + tuple(shapes.image)).astype(np.float32)}
+  tok_task, tok_model = tok_stage.make_task(config, shapes)
+  if stage == 'autoregressor':
+    tok_params = meta.unbox(jax.jit(tok_task.init)(jax.random.PRNGKey(1), local))
+    tok_params = jax.device_put(tok_params, part_lib.replicated(mesh))
+    task, _ = ar_stage.make_task(config, shapes, 4, tok_model, tok_params)
+    local['pitch'] = rng.integers(0, 2, (batch,)).astype(np.int32)
+    local['instrument'] = rng.integers(0, 2, (batch,)).astype(np.int32)
+  else:
+    task = tok_task
+  with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+    batch_abs = part_lib.abstract_batch(local, mesh)
+    t0 = time.perf_counter()
+    init, step = _compiled_step(engine, task, config, stage, mesh, rules, batch_abs)
+    compile_s = time.perf_counter() - t0
+    device_batch = part_lib.put_batch(local, mesh)
+    state = jax.block_until_ready(init(device_batch))
+    times = []
+    for i in range(warmup + steps):
+      t0 = time.perf_counter()
+      state, metrics = step(state, device_batch)
+      jax.block_until_ready((state, metrics))
+      if i >= warmup:
+        times.append(time.perf_counter() - t0)
+  import mars_jax
+  print('RESULT ' + json.dumps({'part': part, 'compile_s': compile_s, 'times': times,
+                                'loss': float(metrics['loss']),
+                                'code': os.path.dirname(os.path.abspath(mars_jax.__file__))}))
+
+
+# --- driver ------------------------------------------------------------------------------------
+
+
+def repo_root():
+  return os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def extract(rev, dest):
+  """The files of commit `rev` of this checkout's git repository, under dest."""
+  root = repo_root()
+  try:
+    archive = subprocess.run(['git', '-C', root, 'archive', '--format=tar', rev],
+                             capture_output=True, check=True).stdout
+  except (OSError, subprocess.CalledProcessError) as e:
+    err = getattr(e, 'stderr', b'') or b''
+    raise SystemExit(f'--against {rev}: cannot read that commit from the git repository at '
+                     f'{root} ({err.decode(errors="replace").strip() or e}); compare needs a git '
+                     f'checkout that holds it.')
+  subprocess.run(['tar', '-x', '-C', dest], input=archive, check=True)
+  return dest
+
+
+def run_child(tree, part, args, sets):
+  env = dict(os.environ, PYTHONPATH=tree + os.pathsep + os.environ.get('PYTHONPATH', ''))
+  # -P: this file's folder (mars_jax/bench) must not shadow top-level modules in the child.
+  cmd = [sys.executable, '-P', os.path.abspath(__file__), '--child', part,
+         '--steps', str(args.steps), '--warmup', str(args.warmup)]
+  cmd += [f'--set={s}' for s in sets]
+  r = subprocess.run(cmd, cwd=tree, env=env, capture_output=True, text=True)
+  line = next((x for x in r.stdout.splitlines() if x.startswith('RESULT ')), None)
+  if r.returncode != 0 or line is None:
+    raise SystemExit(f'{part} in {tree} failed (exit {r.returncode}):\n{r.stderr[-3000:]}')
+  out = json.loads(line[len('RESULT '):])
+  if os.path.realpath(out['code']) != os.path.realpath(os.path.join(tree, 'mars_jax')):
+    raise SystemExit(f'{part}: the child imported mars_jax from {out["code"]}, not {tree}')
+  return out
+
+
+def main(argv=None):
+  p = argparse.ArgumentParser(prog='mars_jax.bench compare', description=__doc__,
+                              formatter_class=argparse.RawDescriptionHelpFormatter)
+  p.add_argument('--against', default='1cba8b4', help='the earlier commit (any git revision)')
+  p.add_argument('--parts', default='var_tiny,var_mid,tok_tiny', help=f'any of {",".join(PARTS)}')
+  p.add_argument('--rounds', type=int, default=3, help='alternations of the two sides')
+  p.add_argument('--steps', type=int, default=5, help='timed steps a child (median)')
+  p.add_argument('--warmup', type=int, default=2, help='untimed steps first')
+  p.add_argument('--set', action='append', default=[], metavar='FIELD=VALUE',
+                 help='config override on this checkout\'s side only')
+  p.add_argument('--json', action='store_true', help='one JSON document on stdout')
+  p.add_argument('--child', help=argparse.SUPPRESS)
+  args = p.parse_args(argv)
+  if args.child:
+    child(args.child, args.steps, args.warmup, args.set)
+    return 0
+  parts = [x for x in args.parts.split(',') if x]
+  unknown = sorted(set(parts) - set(PARTS))
+  if unknown:
+    p.error(f'unknown part(s) {", ".join(unknown)}; choose from {", ".join(PARTS)}')
+  from mars_jax.bench import machine as machine_lib
+  mach = machine_lib.describe(with_jax=False)
+  _log(f'machine: {mach}')
+  rows = []
+  with tempfile.TemporaryDirectory(prefix='mars_compare_') as tmp:
+    old_tree = extract(args.against, os.path.join(tmp))
+    new_tree = repo_root()
+    for part in parts:
+      runs, loss = {'earlier': [], 'this': []}, {}
+      for r in range(args.rounds):
+        order = (('earlier', old_tree, []), ('this', new_tree, args.set))
+        for side, tree, sets in (order if r % 2 == 0 else order[::-1]):
+          out = run_child(tree, part, args, sets)
+          med = statistics.median(out['times'])
+          _log(f'[{part}] round {r + 1} {side}: median {med:.3f} s '
+               f'(compile {out["compile_s"]:.1f} s, loss {out["loss"]:.4f})')
+          runs[side].append(med)
+          loss[side] = out['loss']
+      old, new = statistics.median(runs['earlier']), statistics.median(runs['this'])
+      rows.append({'part': part, 'earlier_s': old, 'this_s': new, 'speedup': old / new,
+                   'earlier_runs': runs['earlier'], 'this_runs': runs['this'],
+                   'earlier_loss': loss['earlier'], 'this_loss': loss['this'],
+                   'target': TARGETS.get(part)})
+  doc = {'machine': mach, 'against': args.against, 'sets': args.set,
+         'end_load': machine_lib.load_average(), 'rows': rows}
+  if args.json:
+    print(json.dumps(doc, indent=1))
+    return 0
+  print(f'machine: {mach}; against {args.against}; this side\'s --set: {args.set or "none"}')
+  print('| part | earlier s (median of rounds) | this s | speed-up | target | '
+        'rounds earlier / this |')
+  print('|---|---|---|---|---|---|')
+  for r in rows:
+    t = r['target']
+    verdict = '-' if t is None else f'{t}x: {"met" if r["speedup"] >= t else "not met"}'
+    runs = (', '.join(f'{x:.3f}' for x in r['earlier_runs']) + ' / '
+            + ', '.join(f'{x:.3f}' for x in r['this_runs']))
+    print(f'| {r["part"]} | {r["earlier_s"]:.3f} | {r["this_s"]:.3f} | {r["speedup"]:.2f}x | '
+          f'{verdict} | {runs} |')
+  return 0
+
+
+if __name__ == '__main__':
+  sys.exit(main(sys.argv[1:]))
