@@ -59,7 +59,7 @@ CATEGORIES = (
     ('loss', lambda n, op: 'log_softmax' in n or 'take_along_axis' in n
      or 'cross_entropy' in n),
     ('layer scan: slices, stacking, copies', lambda n, op: 'dynamic_slice' in n
-     or 'dynamic_update_slice' in n or '/while' in n and n.endswith('/while')
+     or 'dynamic_update_slice' in n or n.endswith('/while')
      or (not n and (op.startswith(('copy', 'wrapped_broadcast', 'while', 'bitcast'))))),
     ('norms, AdaLN, GELU, residuals (elementwise)', lambda n, op: re.search(
         r'(VAR|Tokenizer|encoder|decoder|blocks|Norm|Block)', n) is not None),
