@@ -69,7 +69,7 @@ def _part_config(part, root):
   return c
 
 
-def _compiled_step(engine, task, config, stage, mesh, rules, batch_abs):
+def compiled_step(engine, task, config, stage, mesh, rules, batch_abs):
   """(init(batch) -> state, step(state, batch) -> (state, metrics)) as this version's engine
   compiles them: `engine.TrainStep` where it exists, else the engine's earlier free functions."""
   import jax
@@ -128,7 +128,7 @@ def child(part, steps, warmup, sets):
   with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
     batch_abs = part_lib.abstract_batch(local, mesh)
     t0 = time.perf_counter()
-    init, step = _compiled_step(engine, task, config, stage, mesh, rules, batch_abs)
+    init, step = compiled_step(engine, task, config, stage, mesh, rules, batch_abs)
     compile_s = time.perf_counter() - t0
     device_batch = part_lib.put_batch(local, mesh)
     state = jax.block_until_ready(init(device_batch))
