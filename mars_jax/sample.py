@@ -32,6 +32,11 @@ def save_wav(path, wave, sample_rate):
                                     sample_rate))
 
 
+# spectrogram_fn's static arguments, top_k and top_p: they choose the filter's shapes
+# (models/sampling.filter_logits). Its compiled program is called without them.
+SPEC_STATIC_ARGNUMS = (7, 8)
+
+
 class Generator:
   """A trained tokenizer + VAR, ready to turn (pitch, instrument) requests into audio.
 
@@ -49,8 +54,7 @@ class Generator:
     self.pitches = list(range(self.shapes.pitch_lo, self.shapes.pitch_lo + self.shapes.num_pitches))
     self.tokenizer, self.var = tok_model, var_model
     self.tokenizer_params, self.var_params = tok_params, var_params
-    # top_k / top_p are static: they choose the filter's shapes (models/sampling.filter_logits).
-    self.spectrogram_fn = jax.jit(self._tokens_to_spectrogram, static_argnums=(7, 8))
+    self.spectrogram_fn = jax.jit(self._tokens_to_spectrogram, static_argnums=SPEC_STATIC_ARGNUMS)
     self.audio_fn = jax.jit(functools.partial(griffin_lim.to_audio, spec_cfg=config.spectrogram))
 
   @classmethod

@@ -73,7 +73,7 @@ def test_a_traced_program_maps_back_to_its_ops(tmp_path):
   with jax.profiler.trace(str(tmp_path), create_perfetto_trace=True):
     for _ in range(calls):
       jax.block_until_ready(f(a, a))
-  module = profile.module_name(compiled)
+  module = profile.module_name(compiled.as_text())
   rows = profile.trace_ops(str(tmp_path), {module: profile.op_names(compiled.as_text())}, calls)
   assert rows and all(r['module'] == module and r['ms'] > 0 for r in rows)
   assert any(r['op_name'].endswith('dot_general') and
