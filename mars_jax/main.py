@@ -13,6 +13,7 @@ from absl import flags
 from absl import logging
 from ml_collections import config_flags
 
+from mars_jax import allocator
 from mars_jax import config as config_lib
 from mars_jax import fs
 from mars_jax import stages as stages_lib
@@ -81,6 +82,7 @@ def check_argv(argv):
 
 
 if __name__ == '__main__':
+  allocator.reexec_with_huge_pages()   # once, before any buffer exists: see mars_jax/allocator.py
   # Before DEFINE_config_file: it loads the file and applies --config.* overrides right here.
   _error = check_argv(sys.argv)
   if _error:

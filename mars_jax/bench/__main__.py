@@ -2,7 +2,7 @@
 import importlib
 import sys
 
-from mars_jax import bench
+from mars_jax import allocator, bench
 
 
 def main(argv):
@@ -18,4 +18,5 @@ def main(argv):
 
 
 if __name__ == '__main__':
+  allocator.reexec_with_huge_pages()   # as the CLI runs: see mars_jax/allocator.py
   sys.exit(main(sys.argv[1:]))

@@ -16,9 +16,15 @@ Parts (the shapes of issue 14's measurements):
 
 Run:
   python -m mars_jax.bench compare --against 1cba8b4 [--parts var_tiny,var_mid,tok_tiny]
-                                   [--rounds 3] [--steps 5] [--set FIELD=VALUE ...] [--json]
+                                   [--rounds 3] [--steps 5] [--set FIELD=VALUE ...]
+                                   [--this-env NAME=VALUE ...] [--json]
 `--set` overrides apply to this checkout's side only (e.g. autoregressor.remat=dots), so a
-setting can be measured against the earlier code as it was.
+setting can be measured against the earlier code as it was; `--this-env` does the same for the
+process environment. Both sides otherwise run in this process's environment, which includes
+the huge-page malloc that `python -m mars_jax.bench` starts with (mars_jax/allocator.py): a
+comparison of code alone. Each version as it ran (the earlier one on glibc's default malloc):
+  GLIBC_TUNABLES=glibc.malloc.hugetlb=0 python -m mars_jax.bench compare \
+      --this-env GLIBC_TUNABLES=glibc.malloc.hugetlb=1
 
 This file is also the child (`--child PART`): it imports nothing of mars_jax at the top, so the
 same file drives whichever version PYTHONPATH points at.
@@ -167,8 +173,9 @@ def extract(rev, dest):
   return dest
 
 
-def run_child(tree, part, args, sets):
+def run_child(tree, part, args, sets, extra_env=()):
   env = dict(os.environ, PYTHONPATH=tree + os.pathsep + os.environ.get('PYTHONPATH', ''))
+  env.update(extra_env)
   # -P: this file's folder (mars_jax/bench) must not shadow top-level modules in the child.
   cmd = [sys.executable, '-P', os.path.abspath(__file__), '--child', part,
          '--steps', str(args.steps), '--warmup', str(args.warmup)]
@@ -193,9 +200,17 @@ def main(argv=None):
   p.add_argument('--warmup', type=int, default=2, help='untimed steps first')
   p.add_argument('--set', action='append', default=[], metavar='FIELD=VALUE',
                  help='config override on this checkout\'s side only')
+  p.add_argument('--this-env', action='append', default=[], metavar='NAME=VALUE',
+                 help='environment variable for this checkout\'s child only (e.g. '
+                      'GLIBC_TUNABLES=glibc.malloc.hugetlb=1); both sides otherwise share this '
+                      'process\'s environment')
   p.add_argument('--json', action='store_true', help='one JSON document on stdout')
   p.add_argument('--child', help=argparse.SUPPRESS)
   args = p.parse_args(argv)
+  bad = [e for e in args.this_env if '=' not in e or not e.split('=', 1)[0]]
+  if bad:
+    p.error(f'--this-env takes NAME=VALUE, got {", ".join(bad)}')
+  this_env = dict(e.split('=', 1) for e in args.this_env)
   if args.child:
     child(args.child, args.steps, args.warmup, args.set)
     return 0
@@ -213,9 +228,9 @@ def main(argv=None):
     for part in parts:
       runs, loss = {'earlier': [], 'this': []}, {}
       for r in range(args.rounds):
-        order = (('earlier', old_tree, []), ('this', new_tree, args.set))
-        for side, tree, sets in (order if r % 2 == 0 else order[::-1]):
-          out = run_child(tree, part, args, sets)
+        order = (('earlier', old_tree, [], {}), ('this', new_tree, args.set, this_env))
+        for side, tree, sets, env in (order if r % 2 == 0 else order[::-1]):
+          out = run_child(tree, part, args, sets, env)
           med = statistics.median(out['times'])
           _log(f'[{part}] round {r + 1} {side}: median {med:.3f} s '
                f'(compile {out["compile_s"]:.1f} s, loss {out["loss"]:.4f})')
@@ -226,12 +241,14 @@ def main(argv=None):
                    'earlier_runs': runs['earlier'], 'this_runs': runs['this'],
                    'earlier_loss': loss['earlier'], 'this_loss': loss['this'],
                    'target': TARGETS.get(part)})
-  doc = {'machine': mach, 'against': args.against, 'sets': args.set,
+  doc = {'machine': mach, 'against': args.against, 'sets': args.set, 'this_env': this_env,
+         'env': {k: os.environ.get(k, '') for k in ('GLIBC_TUNABLES', 'LD_PRELOAD')},
          'end_load': machine_lib.load_average(), 'rows': rows}
   if args.json:
     print(json.dumps(doc, indent=1))
     return 0
-  print(f'machine: {mach}; against {args.against}; this side\'s --set: {args.set or "none"}')
+  print(f'machine: {mach}; against {args.against}; this side\'s --set: {args.set or "none"}, '
+        f'--this-env: {this_env or "none"}; both: {doc["env"]}')
   print('| part | earlier s (median of rounds) | this s | speed-up | target | '
         'rounds earlier / this |')
   print('|---|---|---|---|---|---|')
