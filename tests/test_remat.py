@@ -12,6 +12,12 @@ from tests.helpers import load_config
 
 V, D, SCALES, B = 64, 8, (1, 2, 4), 4
 L = sum(p * p for p in SCALES)
+FAST_COMPILE = {'xla_backend_optimization_level': 0}   # LLVM effort only: the HLO is the same
+
+
+def _run(fn, *args):
+  """fn(*args) as one program compiled cheaply (eager init would compile op by op, ~14 s)."""
+  return jax.jit(fn).lower(*args).compile(FAST_COMPILE)(*args)
 
 
 def _model(remat):
@@ -25,7 +31,7 @@ def test_remat_gives_the_same_loss_and_gradients():
   inst = jnp.asarray(np.arange(B) % 2, jnp.int32)
   teacher = jnp.asarray(rng.standard_normal((B, L - 1, D)), jnp.float32)
   targets = jnp.asarray(rng.integers(0, V, (B, L)), jnp.int32)
-  params = nn.unbox(_model('none').init(jax.random.key(0), pitch, inst, teacher)['params'])
+  params = nn.unbox(_run(_model('none').init, jax.random.key(0), pitch, inst, teacher)['params'])
   # Perturbed: at init the AdaLN gates are ~0 and most gradients would be ~0 too.
   params = jax.tree.map(
       lambda x: x + 0.1 * jnp.asarray(rng.standard_normal(x.shape), x.dtype), params)
@@ -37,7 +43,7 @@ def test_remat_gives_the_same_loss_and_gradients():
       logits = model.apply({'params': p}, pitch, inst, teacher, train=True,
                            rngs={'dropout': jax.random.key(3)})
       return optax.softmax_cross_entropy_with_integer_labels(logits, targets).mean()
-    return jax.jit(jax.value_and_grad(loss_fn))(params)
+    return _run(jax.value_and_grad(loss_fn), params)
 
   loss0, grad0 = loss_and_grad('none')
   for remat in ('dots', 'full'):
@@ -72,7 +78,7 @@ def _compiled_step_memory(remat, batch=8):
   task, _ = ar_stage.make_task(c, shapes, 4, tok_model, tok_params)
   with jax.set_mesh(mesh), nn.logical_axis_rules(part.logical_rules(c)):
     step = engine.TrainStep(task, c, 'autoregressor', mesh, part.abstract_batch(local, mesh))
-    return engine.step_memory(step.compile({'xla_backend_optimization_level': 0}))
+    return engine.step_memory(step.compile(FAST_COMPILE))
 
 
 @pytest.mark.slow   # two compiles: ~15 s each on 2 busy cores
