@@ -23,7 +23,7 @@ setting can be measured against the earlier code as it was; `--this-env` does th
 process environment. Both sides otherwise run in this process's environment, which includes
 the huge-page malloc that `python -m mars_jax.bench` starts with (mars_jax/allocator.py): a
 comparison of code alone. Each version as it ran (the earlier one on glibc's default malloc):
-  GLIBC_TUNABLES=glibc.malloc.hugetlb=0 python -m mars_jax.bench compare \
+  GLIBC_TUNABLES=glibc.malloc.hugetlb=0 python -m mars_jax.bench compare \\
       --this-env GLIBC_TUNABLES=glibc.malloc.hugetlb=1
 
 This file is also the child (`--child PART`): it imports nothing of mars_jax at the top, so the
