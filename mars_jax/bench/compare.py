@@ -101,6 +101,7 @@ def compiled_step(engine, task, config, stage, mesh, rules, batch_abs):
 
 
 def child(part, steps, warmup, sets):
+  import resource
   import time
   import flax.linen as nn
   import jax
@@ -140,14 +141,19 @@ def child(part, steps, warmup, sets):
     state = jax.block_until_ready(init(device_batch))
     times = []
     for i in range(warmup + steps):
+      if i == warmup:   # page faults and kernel time of the timed steps (see allocator.py)
+        usage0 = resource.getrusage(resource.RUSAGE_SELF)
       t0 = time.perf_counter()
       state, metrics = step(state, device_batch)
       jax.block_until_ready((state, metrics))
       if i >= warmup:
         times.append(time.perf_counter() - t0)
+    usage1 = resource.getrusage(resource.RUSAGE_SELF)
   import mars_jax
   print('RESULT ' + json.dumps({'part': part, 'compile_s': compile_s, 'times': times,
                                 'loss': float(metrics['loss']),
+                                'minor_faults': (usage1.ru_minflt - usage0.ru_minflt) / steps,
+                                'kernel_s': (usage1.ru_stime - usage0.ru_stime) / steps,
                                 'code': os.path.dirname(os.path.abspath(mars_jax.__file__))}))
 
 
@@ -226,20 +232,24 @@ def main(argv=None):
     old_tree = extract(args.against, os.path.join(tmp))
     new_tree = repo_root()
     for part in parts:
-      runs, loss = {'earlier': [], 'this': []}, {}
+      runs, faults, loss = {'earlier': [], 'this': []}, {'earlier': [], 'this': []}, {}
       for r in range(args.rounds):
         order = (('earlier', old_tree, [], {}), ('this', new_tree, args.set, this_env))
         for side, tree, sets, env in (order if r % 2 == 0 else order[::-1]):
           out = run_child(tree, part, args, sets, env)
           med = statistics.median(out['times'])
           _log(f'[{part}] round {r + 1} {side}: median {med:.3f} s '
-               f'(compile {out["compile_s"]:.1f} s, loss {out["loss"]:.4f})')
+               f'(compile {out["compile_s"]:.1f} s, loss {out["loss"]:.4f}; a step: '
+               f'{out["minor_faults"]:.0f} page faults, {out["kernel_s"]:.3f} s in the kernel)')
           runs[side].append(med)
+          faults[side].append(out['minor_faults'])
           loss[side] = out['loss']
       old, new = statistics.median(runs['earlier']), statistics.median(runs['this'])
       rows.append({'part': part, 'earlier_s': old, 'this_s': new, 'speedup': old / new,
                    'earlier_runs': runs['earlier'], 'this_runs': runs['this'],
                    'earlier_loss': loss['earlier'], 'this_loss': loss['this'],
+                   'earlier_faults': statistics.median(faults['earlier']),
+                   'this_faults': statistics.median(faults['this']),
                    'target': TARGETS.get(part)})
   doc = {'machine': mach, 'against': args.against, 'sets': args.set, 'this_env': this_env,
          'env': {k: os.environ.get(k, '') for k in ('GLIBC_TUNABLES', 'LD_PRELOAD')},
@@ -250,15 +260,15 @@ def main(argv=None):
   print(f'machine: {mach}; against {args.against}; this side\'s --set: {args.set or "none"}, '
         f'--this-env: {this_env or "none"}; both: {doc["env"]}')
   print('| part | earlier s (median of rounds) | this s | speed-up | target | '
-        'rounds earlier / this |')
-  print('|---|---|---|---|---|---|')
+        'rounds earlier / this | page faults a step, earlier / this |')
+  print('|---|---|---|---|---|---|---|')
   for r in rows:
     t = r['target']
     verdict = '-' if t is None else f'{t}x: {"met" if r["speedup"] >= t else "not met"}'
     runs = (', '.join(f'{x:.3f}' for x in r['earlier_runs']) + ' / '
             + ', '.join(f'{x:.3f}' for x in r['this_runs']))
     print(f'| {r["part"]} | {r["earlier_s"]:.3f} | {r["this_s"]:.3f} | {r["speedup"]:.2f}x | '
-          f'{verdict} | {runs} |')
+          f'{verdict} | {runs} | {r["earlier_faults"]:,.0f} / {r["this_faults"]:,.0f} |')
   return 0
 
 
