@@ -2,10 +2,10 @@
 
 XLA's CPU runtime allocates every step's temporaries afresh (hundreds of MiB for the VAR step).
 glibc serves allocations that large with mmap and unmaps them on free, so each step touches new
-memory and takes a page fault per 4 KiB: the tiny VAR step took 60,000 faults and 0.14 s of
-kernel time a step, half of its 0.27 s (BENCHMARKS.md "Page faults"). glibc >= 2.35 can back
-its mappings with transparent huge pages (the tunable `glibc.malloc.hugetlb=1`): 2 MiB a
-fault, ~250 a step, and the same step takes 0.21 s with results bit for bit the same.
+memory and takes a page fault per 4 KiB: the tiny VAR step took 60,000 faults and 0.20 s of
+kernel time in a 0.43 s step (BENCHMARKS.md "Page faults"). glibc >= 2.35 can back its mappings
+with transparent huge pages (the tunable `glibc.malloc.hugetlb=1`): 2 MiB a fault, ~370 a step,
+and the same step takes 0.31 s with results bit for bit the same.
 
 glibc reads tunables only when a process starts, so the CLI and the benchmarks re-execute
 themselves once with GLIBC_TUNABLES extended (`reexec_with_huge_pages`). Nothing happens when
@@ -69,7 +69,7 @@ def reexec_with_huge_pages() -> None:
   """Restarts this process (same pid, same command line) with glibc's huge-page malloc when
   `huge_page_env` says so; returns otherwise. Call it first thing in a `__main__`."""
   env = huge_page_env(os.environ, glibc_version(), thp_mode())
-  if env is None:
+  if env is None or not sys.executable:   # an embedded interpreter has nothing to re-execute
     return
   sys.stdout.flush()
   sys.stderr.flush()
