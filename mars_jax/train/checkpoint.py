@@ -146,8 +146,22 @@ def _orbax_path(directory: str) -> str:
   return fs.absolute(directory)
 
 
+def _single_process_array_writes():
+  """One process writes every array from one device's copy, unsliced.
+
+  Orbax's default on CPU and TPU ("replica-parallel") splits each replicated array into a slice
+  per device so that several hosts share the write. With one process every slice is written by
+  the same host anyway, and each costs an eager jax slice (a compile per new shape): with the
+  tiny models' ~470 replicated leaves on 8 devices, 3,700 slices and 1.3-4.5 s of blocked
+  training per save, against 0.1-0.25 s without. Several processes keep orbax's default."""
+  if jax.process_count() == 1:
+    ocp.type_handlers.register_type_handler(
+        jax.Array, ocp.type_handlers.ArrayHandler(use_replica_parallel=False), override=True)
+
+
 def manager(directory: str, keep: int = 2, async_save: bool = True) -> ocp.CheckpointManager:
   """A manager that keeps the newest `keep` steps; the engine decides *when* to save."""
+  _single_process_array_writes()
   options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True,
                                          enable_async_checkpointing=async_save)
   return ocp.CheckpointManager(_orbax_path(directory), options=options, item_names=ITEMS)
