@@ -1,8 +1,13 @@
-"""Test setup: 8 simulated CPU devices, parsed absl flags (grain's mp_prefetch reads them)."""
+"""Test setup: 8 simulated CPU devices, parsed absl flags (grain's mp_prefetch reads them).
+
+XLA compiles without LLVM's optimisations (TEST_XLA_FLAGS): the suite's programs are tiny and its
+time is mostly compiling, which this halves; the HLO, and so what every test checks, is the same.
+"""
 import os
 import sys
 
-os.environ.setdefault('XLA_FLAGS', '--xla_force_host_platform_device_count=8')
+TEST_XLA_FLAGS = '--xla_force_host_platform_device_count=8 --xla_backend_optimization_level=0'
+os.environ.setdefault('XLA_FLAGS', TEST_XLA_FLAGS)
 os.environ.setdefault('JAX_PLATFORMS', 'cpu')
 
 from absl import flags  # noqa: E402

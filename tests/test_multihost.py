@@ -39,7 +39,8 @@ def _free_port():
 
 def _env(devices):
   env = dict(os.environ)
-  env.update(XLA_FLAGS=f'--xla_force_host_platform_device_count={devices}', JAX_PLATFORMS='cpu',
+  env.update(XLA_FLAGS=f'--xla_force_host_platform_device_count={devices} '
+                       '--xla_backend_optimization_level=0', JAX_PLATFORMS='cpu',
              MARS_HEARTBEAT_S=str(HEARTBEAT_S), PYTHONPATH=ROOT)
   for k in ('MARS_COORDINATOR', 'MARS_NUM_PROCESSES', 'MARS_PROCESS_ID', 'SLURM_NTASKS'):
     env.pop(k, None)
