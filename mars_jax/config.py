@@ -22,11 +22,27 @@ NOT_CONTENT = ('data.prepare_workers', 'data.loader_workers', 'spectrogram.griff
                'autoregressor.train.checkpoint_minutes', 'classifier.train.checkpoint_minutes',
                'autoregressor.remat', 'tokenizer.train.preemption_check_every',
                'autoregressor.train.preemption_check_every',
-               'classifier.train.preemption_check_every')
+               'classifier.train.preemption_check_every', 'tokenizer.train.xla_cpu_options',
+               'autoregressor.train.xla_cpu_options', 'classifier.train.xla_cpu_options')
 
 
 class ConfigError(ValueError):
   """A config field is inconsistent; the message names the field and a fix."""
+
+
+def xla_options(text: str, field: str) -> dict:
+  """'name=value ...' (XLA_FLAGS' syntax, the dashes optional) -> {name: value}, the form
+  `jax.stages.Lowered.compile(compiler_options=...)` takes; `field` names the config field in
+  the error. Values stay strings, which XLA reads by the option's type: an enum by its full
+  name (LIBRARY_FUSION_TYPE_DOT, where XLA_FLAGS would take 'dot')."""
+  out = {}
+  for item in str(text or '').split():
+    name, eq, value = item.lstrip('-').partition('=')
+    if not (eq and name.startswith('xla_') and value):
+      raise ConfigError(f'{field}={text!r}: {item!r} is not name=value with an XLA option name '
+                        f"(e.g. 'xla_backend_optimization_level=1'); '' for none.")
+    out[name] = value
+  return out
 
 
 @dataclasses.dataclass(frozen=True)
@@ -153,6 +169,7 @@ def derive(config) -> Shapes:
     if tr.compute_dtype not in ('float32', 'bfloat16'):
       raise ConfigError(f"{stage}.train.compute_dtype={tr.compute_dtype!r}: "
                         f"use 'float32' or 'bfloat16'.")
+    xla_options(tr.get('xla_cpu_options', ''), f'{stage}.train.xla_cpu_options')
   a = config.autoregressor
   width = a.width or 64 * a.depth
   heads = a.heads or a.depth

@@ -52,6 +52,8 @@ def _train(steps, batch_size, lr):
   t.clip_norm = 2.0
   t.ema_decay = 0.0                  # 0 disables the parameter EMA
   t.compute_dtype = 'float32'        # 'bfloat16': bf16 compute, fp32 master weights
+  t.xla_cpu_options = ''             # on a CPU, XLA options for the train step: 'name=value ...'
+                                     # as in XLA_FLAGS without the dashes (config.xla_options)
   return t
 
 
@@ -155,6 +157,11 @@ def get_config():
   c.tokenizer.disc_channels = 64     # patch discriminator width
   c.tokenizer.disc_layers = 0        # 0 = as many as the image allows (at most VQGAN's 3)
   c.tokenizer.train = _train(steps=100_000, batch_size=64, lr=2e-4)
+  # On a CPU, XLA's YNN (XNNPACK) library fusions for dots only, in place of its default list:
+  # the tiny tokenizer step 1.5x faster, the same losses to 3e-6 (BENCHMARKS.md, issue 14). Not
+  # for the VAR, whose step it slowed (tiny) or left as it was (mid). An experimental XLA option
+  # (tests/test_xla_options.py checks it still takes effect); '' turns it off.
+  c.tokenizer.train.xla_cpu_options = 'xla_cpu_experimental_ynn_fusion_type=LIBRARY_FUSION_TYPE_DOT'
 
   # --- scale autoregressor ------------------------------------------------
   c.autoregressor = mlc.ConfigDict()

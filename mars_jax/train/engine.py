@@ -41,7 +41,7 @@ import optax
 from absl import logging
 
 from mars_jax import progress
-from mars_jax.config import ConfigError, validate_batch
+from mars_jax.config import ConfigError, validate_batch, xla_options
 from mars_jax.train import checkpoint as ckpt
 from mars_jax.train import metrics_log as tlog
 from mars_jax.train.partitioning import (abstract_batch, logical_rules, make_mesh, put_batch,
@@ -345,7 +345,7 @@ class TrainStep:
   """
 
   def __init__(self, task: Task, config, stage: str, mesh, batch_abs):
-    self.task, self.mesh, self.batch_abs = task, mesh, batch_abs
+    self.task, self.mesh, self.batch_abs, self.stage = task, mesh, batch_abs, stage
     self.tc = config[stage].train
     self.tx, self.schedule = make_optimizer(self.tc, task)
     self.rng = base_rng(config, stage)
@@ -365,9 +365,14 @@ class TrainStep:
     return init.lower(batch).compile(ONCE_OPTIONS if cpu else None)(batch)
 
   def compile(self, compiler_options=None):
-    """The compiled step (XLA's memory and cost analyses hang off it). `compiler_options`: XLA
-    options for this compile only, e.g. {'xla_backend_optimization_level': 0} where only the
-    memory analysis is wanted (the same buffers, half the CPU compile time)."""
+    """The compiled step (XLA's memory and cost analyses hang off it). On a CPU it compiles with
+    `<stage>.train.xla_cpu_options`. `compiler_options`: XLA options for this compile only, added
+    to those, e.g. {'xla_backend_optimization_level': 0} where only the memory analysis is
+    wanted (the same buffers, half the CPU compile time)."""
+    if self.mesh.devices.flat[0].platform == 'cpu':
+      compiler_options = {**xla_options(self.tc.get('xla_cpu_options', ''),
+                                        f'{self.stage}.train.xla_cpu_options'),
+                          **(compiler_options or {})}
     batch_shard = {k: v.sharding for k, v in self.batch_abs.items()}
     frozen_shard = jax.tree.map(lambda a: a.sharding, self.frozen)
     jitted = jax.jit(_step_fn(self.task, self.tx, self.schedule, self.tc),
