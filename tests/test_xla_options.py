@@ -5,6 +5,7 @@ import numpy as np
 import pytest
 
 from mars_jax import config as config_lib
+from mars_jax.evaluate import classifiers
 from mars_jax.stages import tokenizer as tok_stage
 from mars_jax.train import engine
 from mars_jax.train import partitioning as part
@@ -25,15 +26,20 @@ def test_a_bad_option_names_the_field(bad):
     config_lib.derive(c)
 
 
-def _losses_and_params(config, batch_size=4, steps=3):
-  """`steps` tokenizer updates on one device from the same init and random batch."""
-  config.tokenizer.train.batch_size = batch_size
+def _losses_and_params(config, stage, batch_size=4, steps=3):
+  """`steps` updates of a stage's model on one device from the same init and random batch."""
+  config[stage].train.batch_size = batch_size
   mesh = part.make_mesh(config, jax.devices()[:1])
-  task, _ = tok_stage.make_task(config)
+  rng = np.random.default_rng(0)
   shape = (batch_size,) + tuple(config_lib.derive(config).image)
-  local = {'image': np.random.default_rng(0).uniform(-1, 1, shape).astype(np.float32)}
+  local = {'image': rng.uniform(-1, 1, shape).astype(np.float32)}
+  if stage == 'tokenizer':
+    task, _ = tok_stage.make_task(config)
+  else:
+    task, _ = classifiers.make_task(config, 'pitch', 8)
+    local['pitch'] = rng.integers(0, 8, batch_size).astype(np.int32)
   with jax.set_mesh(mesh), nn.logical_axis_rules(part.logical_rules(config)):
-    ts = engine.TrainStep(task, config, 'tokenizer', mesh, part.abstract_batch(local, mesh))
+    ts = engine.TrainStep(task, config, stage, mesh, part.abstract_batch(local, mesh))
     batch = part.put_batch(local, mesh)
     state = ts.init(batch)
     hlo = ts.compile().as_text()
@@ -45,14 +51,15 @@ def _losses_and_params(config, batch_size=4, steps=3):
 
 
 @pytest.mark.slow
-def test_the_tokenizers_cpu_options_compute_the_same_step():
-  """The tokenizer's default options (which of its ops XLA hands to the XNNPACK library) change
-  the step's speed, not what it computes."""
-  assert load_config('tiny').tokenizer.train.xla_cpu_options     # the default sets some
+@pytest.mark.parametrize('stage', ['tokenizer', 'classifier'])
+def test_the_default_cpu_options_compute_the_same_step(stage):
+  """A stage's default options (which of its ops XLA hands to the XNNPACK library) change the
+  step's speed, not what it computes."""
+  assert load_config('tiny')[stage].train.xla_cpu_options     # the default sets some
   with_opts = small_tiny_config()
-  without = small_tiny_config(tokenizer__train__xla_cpu_options='')
-  l1, p1, hlo1 = _losses_and_params(with_opts)
-  l0, p0, hlo0 = _losses_and_params(without)
+  without = small_tiny_config(**{f'{stage}__train__xla_cpu_options': ''})
+  l1, p1, hlo1 = _losses_and_params(with_opts, stage)
+  l0, p0, hlo0 = _losses_and_params(without, stage)
   # The option took effect: it replaces XLA's default list of YNN (XNNPACK) library fusions.
   assert hlo1.count('ynn_fusion') != hlo0.count('ynn_fusion')
   np.testing.assert_allclose(l1, l0, rtol=1e-5)
