@@ -35,12 +35,19 @@ def pytest_configure(config):
 SLOW_FIXTURES = ('trained_workdir',)
 
 
+@pytest.hookimpl(tryfirst=True)     # before pytest-xdist reads the groups
 def pytest_collection_modifyitems(config, items):
   """Marks multi-process tests and users of a minutes-long fixture `slow`, so that
-  -m "not slow" never pays for them."""
+  -m "not slow" never pays for them.
+
+  Groups the tests for pytest-xdist (setup.cfg runs two workers, `--dist loadgroup`): a file's
+  tests stay on one worker, so its module fixtures are built once; the users of a minutes-long
+  session fixture share one group, so it is built once, not once a worker."""
   for item in items:
-    if item.get_closest_marker('multihost') or set(SLOW_FIXTURES) & set(item.fixturenames):
+    shared = sorted(set(SLOW_FIXTURES) & set(item.fixturenames))
+    if item.get_closest_marker('multihost') or shared:
       item.add_marker(pytest.mark.slow)
+    item.add_marker(pytest.mark.xdist_group('+'.join(shared) or item.path.stem))
 
 
 @pytest.fixture
