@@ -35,19 +35,35 @@ def pytest_configure(config):
 SLOW_FIXTURES = ('trained_workdir',)
 
 
-@pytest.hookimpl(tryfirst=True)     # before pytest-xdist reads the groups
 def pytest_collection_modifyitems(config, items):
   """Marks multi-process tests and users of a minutes-long fixture `slow`, so that
-  -m "not slow" never pays for them.
-
-  Groups the tests for pytest-xdist (setup.cfg runs two workers, `--dist loadgroup`): a file's
-  tests stay on one worker, so its module fixtures are built once; the users of a minutes-long
-  session fixture share one group, so it is built once, not once a worker."""
+  -m "not slow" never pays for them."""
   for item in items:
-    shared = sorted(set(SLOW_FIXTURES) & set(item.fixturenames))
-    if item.get_closest_marker('multihost') or shared:
+    if item.get_closest_marker('multihost') or set(SLOW_FIXTURES) & set(item.fixturenames):
       item.add_marker(pytest.mark.slow)
-    item.add_marker(pytest.mark.xdist_group('+'.join(shared) or item.path.stem))
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_xdist_make_scheduler(config, log):
+  """setup.cfg runs two pytest-xdist workers with `--dist loadfile`: a file's tests on one worker,
+  so its module fixtures are built once. This keeps, in addition, every file that uses a
+  minutes-long session fixture on one worker, so that fixture is built once, not once a worker.
+  (xdist's own `loadgroup` would do this from marks, but it silently ignores them under pytest
+  >= 9.2: pytest-dev/pytest-xdist#1386.)"""
+  if config.getvalue('dist') != 'loadfile':
+    return None
+  from xdist.scheduler import LoadFileScheduling
+
+  here = pathlib.Path(__file__).parent
+  shared = {str(p.relative_to(config.rootpath)) for p in here.glob('test_*.py')
+            if any(name in p.read_text() for name in SLOW_FIXTURES)}
+
+  class FilesAndSharedFixtures(LoadFileScheduling):
+    def _split_scope(self, nodeid):          # the extension point xdist's schedulers override
+      path = super()._split_scope(nodeid)
+      return '+'.join(SLOW_FIXTURES) if path in shared else path
+
+  return FilesAndSharedFixtures(config, log)
 
 
 @pytest.fixture

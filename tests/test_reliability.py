@@ -594,7 +594,7 @@ def _job(workdir):
     s.bind(('127.0.0.1', 0))
     port = s.getsockname()[1]
   env = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=1', JAX_PLATFORMS='cpu',
-             MARS_HEARTBEAT_S='10')
+             MARS_HEARTBEAT_S='30')   # fail within 30 s if a peer dies; 10 s is missed under load
   procs = [subprocess.Popen([sys.executable, '-c', _JOB, workdir, str(port), str(i)],
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
            for i in range(2)]
