@@ -55,12 +55,13 @@ FAST_COMPILE_CONFIG = {f'{stage}.train.xla_cpu_options': ''
                        for stage in ('tokenizer', 'classifier')}
 ENV = {'XLA_FLAGS': FAST_COMPILE, 'JAX_PLATFORMS': 'cpu',
        'GLIBC_TUNABLES': 'glibc.malloc.hugetlb=1'}
+OVERRIDES = {**CUT_DOWN, **FAST_COMPILE_CONFIG}
 
 
 def test_the_cut_down_overrides_name_fields_of_small():
   """A renamed config field fails here in the fast loop, not after minutes in the slow test."""
   c = load_config('small')
-  for key in {**CUT_DOWN, **FAST_COMPILE_CONFIG}:
+  for key in OVERRIDES:
     node = c
     *path, last = key.split('.')
     for part in path:
@@ -74,7 +75,7 @@ def test_a_short_small_run_goes_through_every_stage(tmp_path):
   wd = str(tmp_path / 'small')
   env = dict(os.environ, **ENV)
   args = [sys.executable, '-m', 'mars_jax.main', '--config=configs/small.py', f'--workdir={wd}']
-  args += [f'--config.{k}={v}' for k, v in {**CUT_DOWN, **FAST_COMPILE_CONFIG}.items()]
+  args += [f'--config.{k}={v}' for k, v in OVERRIDES.items()]
   run = subprocess.run(args, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
   assert run.returncode == 0, run.stderr[-4000:]
   for stage in ('prepare', 'tokenizer', 'autoregressor', 'sample', 'evaluate'):
