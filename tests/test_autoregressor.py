@@ -181,6 +181,37 @@ def test_block_causal_mask(params):
   assert np.abs(other[:, 0] - base[:, 0]).max() > 1e-3
 
 
+def test_grouped_attention_equals_the_masked_one():
+  # At base's scales the einsum path attends query groups to their key prefixes instead of
+  # masking the full (L, L) scores: the same outputs and gradients as the masked computation.
+  scales = (1, 2, 3, 4, 5, 6, 8, 10, 13, 16)
+  n = sum(p * p for p in scales)
+  groups = ar.query_groups(scales)
+  assert len(groups) > 1 and groups[0][0] == 0 and groups[-1][1] == n
+  for (_, end, keys), (start, _, _) in zip(groups, groups[1:]):
+    assert end == keys == start           # contiguous, each group sees exactly its prefix
+  bounds = {b for _, b in ar.scale_bounds(scales)}
+  assert all(end in bounds for _, end, _ in groups)   # groups never split a scale
+  grouped = ar.Attention(32, 2, 1, scales=scales)
+  masked = ar.Attention(32, 2, 1)                     # no scales: the full masked scores
+  x = jnp.asarray(np.random.default_rng(5).standard_normal((2, n, 32)), jnp.float32)
+  mask = jnp.asarray(ar.block_causal_mask(scales))
+  params = grouped.init(jax.random.key(1), x, None, mask, 0)
+
+  def run(module):
+    def f(p, x):
+      out, _ = module.apply(p, x, None, mask, 0)
+      return jnp.sum(jnp.sin(out)), out
+    (_, out), grads = jax.jit(jax.value_and_grad(f, argnums=(0, 1), has_aux=True))(params, x)
+    return out, grads
+
+  out_g, grads_g = run(grouped)
+  out_m, grads_m = run(masked)
+  np.testing.assert_allclose(out_g, out_m, rtol=1e-5, atol=1e-6)
+  for a, b in zip(jax.tree.leaves(grads_g), jax.tree.leaves(grads_m)):
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
+
+
 @pytest.mark.slow
 def test_training_reduces_loss():
   rng = np.random.default_rng(0)

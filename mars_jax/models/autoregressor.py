@@ -30,8 +30,9 @@ Dtype = Any
 ACT = ('batch', None, 'embed')          # (B, L, C) activations at block boundaries
 _LN_EPS = 1e-6
 # How attention is computed (config autoregressor.attention); all give the same function:
-#   einsum  two einsums and a float32 softmax (the reference path, fastest on CPU); it keeps
-#           the (B, H, L, L) scores for the backward pass: 111 GiB at base, batch 64;
+#   einsum  two einsums and a float32 softmax (the reference path, fastest on CPU), by query
+#           groups (`query_groups`); it keeps the scores each group can see (64% of the
+#           (B, H, L, L) at base's scales) for the backward pass: 111 GiB before, at batch 64;
 #   xla / cudnn  jax.nn.dot_product_attention with that implementation; cudnn is the fused
 #           kernel (GPU, bf16/fp16), which never stores the scores: 65 GiB at base, batch 64;
 #   auto    resolved by `from_config`: cudnn on a GPU with a 16-bit compute dtype, else einsum.
@@ -78,6 +79,32 @@ def block_causal_mask(scales: Sequence[int]) -> np.ndarray:
   return lvl[None, :] <= lvl[:, None]
 
 
+# The einsum path attends each query scale to the keys it can see and no further (`query_groups`):
+# the block-causal mask zeroes 20% of the (L, L) scores at tiny.py's scales and 38% at base's,
+# work that would otherwise be computed, masked, soft-maxed, stored for the backward pass and
+# multiplied by zero there. A group holds at least this many queries (small scales share one,
+# with the mask inside it): on a CPU, splitting tiny.py's 85 tokens into 21 + 64 queries was
+# slower than one masked product (BENCHMARKS.md, issue 14), base's 680 into 4 groups faster.
+_GROUP_MIN_QUERIES = 128
+
+
+def query_groups(scales: Sequence[int]) -> tuple:
+  """((q_start, q_end, key_end), ...): consecutive runs of whole scales whose queries attend the
+  keys [0, key_end) only, key_end = q_end (block-causal). A run closes once it holds
+  `_GROUP_MIN_QUERIES` queries; a scale that large starts a run of its own."""
+  out, start = [], 0
+  for s, e in scale_bounds(scales):
+    if s > start and e - s >= _GROUP_MIN_QUERIES:   # a large scale starts its own group
+      out.append((start, s, s))
+      start = s
+    if e - start >= _GROUP_MIN_QUERIES:
+      out.append((start, e, e))
+      start = e
+  if start < e:   # the last run, shorter than the minimum
+    out.append((start, e, e))
+  return tuple(out)
+
+
 def _layer_norm(x):
   """LayerNorm without affine parameters (AdaLN supplies scale and shift), in float32."""
   x32 = x.astype(jnp.float32)
@@ -113,6 +140,16 @@ def _ada_init(std, width, gate_chunks, gate_mult=1e-3, other_mult=0.5):
   return init
 
 
+def _attend(q, k, v, mask):
+  """softmax(q k^T) v with float32 scores; masked keys get weight exactly 0.
+  q (B, H, n, hd), k and v (B, H, m, hd), mask None or broadcastable to (n, m)."""
+  s = jnp.einsum('bhqd,bhkd->bhqk', q, k, preferred_element_type=jnp.float32)   # (B, H, n, m)
+  if mask is not None:
+    s = jnp.where(mask, s, -jnp.inf)
+  w = jax.nn.softmax(s, axis=-1)
+  return jnp.einsum('bhqk,bhkd->bhqd', w.astype(v.dtype), v)
+
+
 class Attention(nn.Module):
   """Self-attention with L2-normalised q/k and a learned per-head temperature (VAR attn_l2_norm)."""
   width: int
@@ -120,10 +157,13 @@ class Attention(nn.Module):
   depth: int
   dtype: Dtype = jnp.float32
   attention: str = 'einsum'   # 'einsum' | 'xla' | 'cudnn': see ATTENTION
+  scales: Sequence[int] = ()  # token map sides: without a cache, einsum attends by query_groups
 
   @nn.compact
   def __call__(self, x, cache, mask, offset):
     # x (B, n, C); mask broadcastable to (n, L_keys); cache None or {'k','v'}: (B, H, L, hd).
+    # With `scales` and no cache, x is the whole sequence, attended block-causally by query
+    # groups (einsum path; `mask` is not read there).
     h, hd = self.heads, self.width // self.heads
     std = math.sqrt(1.0 / (3 * self.width))
     # Explicit params, not DenseGeneral: its flat-then-reshape init trips the logical constraint
@@ -150,11 +190,17 @@ class Attention(nn.Module):
       v = nn.with_logical_constraint(v, ('batch', 'heads', None, None))
       cache = {'k': k, 'v': v}
     if self.attention == 'einsum':
-      s = jnp.einsum('bhqd,bhkd->bhqk', q.astype(self.dtype), k.astype(self.dtype),
-                     preferred_element_type=jnp.float32)             # (B, H, n, L)
-      s = jnp.where(mask, s, -jnp.inf)    # masked keys get weight exactly 0
-      w = jax.nn.softmax(s, axis=-1)
-      o = jnp.einsum('bhqk,bhkd->bhqd', w.astype(self.dtype), v.astype(self.dtype))
+      q, k, v = (t.astype(self.dtype) for t in (q, k, v))
+      if cache is None and self.scales:   # the whole sequence: each query group sees its prefix
+        full = block_causal_mask(self.scales)
+        outs = []
+        for qs, qe, ke in query_groups(self.scales):
+          m = full[qs:qe, :ke]
+          outs.append(_attend(q[:, :, qs:qe], k[:, :, :ke], v[:, :, :ke],
+                              None if m.all() else m))               # (B, H, qe - qs, hd)
+        o = jnp.concatenate(outs, axis=2) if len(outs) > 1 else outs[0]
+      else:
+        o = _attend(q, k, v, mask)                                    # (B, H, n, hd)
       o = jnp.swapaxes(o, 1, 2)                                       # (B, n, H, hd)
     else:  # jax's fused attention; q already carries the temperature, hence scale 1
       q, k, v = (jnp.swapaxes(t, 1, 2).astype(self.dtype) for t in (q, k, v))  # (B, n|L, H, hd)
@@ -176,6 +222,7 @@ class Block(nn.Module):
   dtype: Dtype = jnp.float32
   attention: str = 'einsum'
   gate_init: float = 1e-3
+  scales: Sequence[int] = ()   # see Attention.scales
 
   @nn.compact
   def __call__(self, x, cache, cond, mask, offset, drop_rate):
@@ -197,7 +244,7 @@ class Block(nn.Module):
       g2 = g2 * (jax.random.bernoulli(k2, keep, (x.shape[0], 1, 1)) / keep).astype(g2.dtype)
 
     h = _layer_norm(x) * (1 + s1) + b1
-    h, cache = Attention(c, self.heads, self.depth, self.dtype, self.attention,
+    h, cache = Attention(c, self.heads, self.depth, self.dtype, self.attention, self.scales,
                          name='attn')(h, cache, mask, offset)
     x = _constrain(x + h * g1)
 
@@ -269,7 +316,8 @@ class VAR(nn.Module):
         in_axes=(0, nn.broadcast, nn.broadcast, nn.broadcast, 0),
         length=self.depth,
         metadata_params={nn.PARTITION_NAME: None},
-    )(c, self.heads, self.depth, self.mlp_ratio, self.dtype, self.attention, self.gate_init)
+    )(c, self.heads, self.depth, self.mlp_ratio, self.dtype, self.attention, self.gate_init,
+      tuple(self.scales))
     # The AdaLN head and the logits in float32 whatever the compute dtype: classifier-free
     # guidance multiplies their rounding error by up to 1 + 2 * cfg.
     self.head_ada = nn.Dense(2 * c, dtype=jnp.float32,
