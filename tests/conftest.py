@@ -19,10 +19,15 @@ import pathlib  # noqa: E402
 
 import pytest  # noqa: E402
 
+from mars_jax.audio import librosa_loader  # noqa: E402
 from tests.helpers import load_config, small_tiny_config  # noqa: E402
 
 
 def pytest_configure(config):
+  # librosa's numba cache is written here, once, before pytest-xdist starts its workers: test
+  # modules import librosa directly, and two workers compiling it at once into an empty cache
+  # can leave a gufunc that segfaults every later process (mars_jax/audio/librosa_loader.py).
+  librosa_loader.load()
   config.addinivalue_line(
       'markers', 'multihost: multi-process jax.distributed tests (also slow; deselect: '
       '-m "not multihost")')

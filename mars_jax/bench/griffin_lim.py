@@ -46,7 +46,8 @@ def main(argv):
   iters = [int(v) for v in args.iters.split(',')]
 
   import jax.numpy as jnp
-  import librosa
+  from mars_jax.audio import librosa_loader
+  librosa = librosa_loader.load()
   from mars_jax.audio import griffin_lim as gl
   from mars_jax.audio import spectrogram as sp
 

@@ -11,6 +11,8 @@ import math
 
 import numpy as np
 
+from mars_jax.audio import librosa_loader
+
 _DPI = 100
 
 
@@ -45,6 +47,7 @@ def _figure(F, T, spec_cfg, size):
   if key not in _FIGURES:
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
+    librosa_loader.load()              # librosa.display imports the compiled modules
     import librosa.display
     fig = Figure(figsize=size, dpi=_DPI)
     canvas = FigureCanvasAgg(fig)

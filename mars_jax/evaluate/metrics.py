@@ -13,6 +13,8 @@ import scipy.linalg
 import scipy.special
 import scipy.stats
 
+from mars_jax.audio import librosa_loader
+
 
 def _as2d(a, name):
   a = np.asarray(a, dtype=np.float64)
@@ -208,7 +210,7 @@ def pitch_accuracy(waves, sr: int, target_midi, margin: float = 12.0,
   is quadratic in its pitch bins, so `resolution` (bins per semitone = 1 /
   resolution) stays coarse: 0.25 semitone is ample for nearest-MIDI scoring.
   """
-  import librosa
+  librosa = librosa_loader.load()
   w = np.asarray(waves, np.float32)
   if w.ndim == 1:
     w = w[None]
