@@ -94,10 +94,10 @@ def _params(workdir, run, name='result.npz'):
     return {k: z[k] for k in z.files}
 
 
-def _assert_params_close(a, b):
+def _assert_params_close(a, b, atol=2e-5):
   assert a.keys() == b.keys()
   for k in a:
-    np.testing.assert_allclose(a[k], b[k], rtol=2e-4, atol=2e-5, err_msg=k)
+    np.testing.assert_allclose(a[k], b[k], rtol=2e-4, atol=atol, err_msg=k)
 
 
 def _assert_samples_match_one_process(workdir, run):
@@ -186,7 +186,12 @@ def test_two_processes_match_one_then_survive_a_crash_and_resume(workdir):
     assert ar2[s] == pytest.approx(ar1[s], rel=1e-5, abs=1e-6), (s, ar1, ar2)
   ar_eval2 = _losses(workdir, 'crash', 'autoregressor', 'eval/loss')
   assert ar_eval2 == pytest.approx(ar_eval1, rel=1e-5, abs=1e-6), (ar_eval1, ar_eval2)
-  _assert_params_close(_params(workdir, 'crash', 'ar.npz'), ar_ref)
+  # Adam moves an element ~lr (3e-3) a step whatever its gradient's size, so where a gradient is
+  # near zero the all-reduce's order across processes (and the tokenizer's own 2e-4) can move it
+  # by a few percent of a step: on an AVX-512 (Zen 4) host, 3 of the 3,072 qkv elements differed
+  # by up to 5.1e-5 (2026-12-02). 1e-4 is 1/30 of a step; other data or a lost step moves many
+  # elements by whole steps.
+  _assert_params_close(_params(workdir, 'crash', 'ar.npz'), ar_ref, atol=1e-4)
 
   # The sample stage with 2 processes: each sampled one of the 2 batches and wrote its wavs;
   # they are the notes one process makes from the same models.
