@@ -35,3 +35,15 @@ def test_concurrent_first_imports_leave_a_loadable_cache(tmp_path):
     np.testing.assert_allclose(float(out), 220.0, rtol=0.03)
   assert os.listdir(tmp_path / 'numba')                # the cache was written where we said
 
+
+
+def test_an_unwritable_temp_directory_warns_and_still_loads(monkeypatch, tmp_path):
+  from mars_jax.audio import librosa_loader
+  monkeypatch.setattr(librosa_loader, 'lock_path', lambda: str(tmp_path / 'missing' / 'x.lock'))
+  librosa_loader.load.cache_clear()
+  try:
+    with pytest.warns(UserWarning, match='without its lock.*TMPDIR'):
+      lib = librosa_loader.load()
+  finally:
+    librosa_loader.load.cache_clear()
+  assert lib.__name__ == 'librosa' and callable(lib.pyin)

@@ -14,6 +14,7 @@ import functools
 import importlib
 import os
 import tempfile
+import warnings
 
 # librosa's modules whose import compiles cache=True gufuncs (librosa 0.10-0.11); the beat
 # tracker's gufuncs are not cached, and we never use it.
@@ -27,8 +28,15 @@ def lock_path() -> str:
 
 @functools.cache
 def load():
-  """The librosa module, its compiled modules imported under the machine-wide lock."""
-  with open(lock_path(), 'a') as f:
+  """The librosa module, its compiled modules imported under the machine-wide lock (without
+  it, with a warning, where the temp directory takes no file)."""
+  try:
+    f = open(lock_path(), 'a')
+  except OSError as e:
+    warnings.warn(f'librosa imported without its lock ({e}); processes starting together on a '
+                  'fresh install may corrupt numba\'s cache (set TMPDIR to a writable folder)')
+    return importlib.import_module('librosa')
+  with f:
     fcntl.flock(f, fcntl.LOCK_EX)          # released when the file closes, even on error
     for name in COMPILED_MODULES:
       importlib.import_module(name)
