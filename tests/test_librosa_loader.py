@@ -6,6 +6,8 @@ import sys
 import numpy as np
 import pytest
 
+from mars_jax.audio import librosa_loader
+
 # pyin on a 220 Hz tone through the loader: the gufunc that crashed CI (librosa.core.pitch).
 CHILD = """
 import numpy as np
@@ -36,9 +38,7 @@ def test_concurrent_first_imports_leave_a_loadable_cache(tmp_path):
   assert os.listdir(tmp_path / 'numba')                # the cache was written where we said
 
 
-
 def test_an_unwritable_temp_directory_warns_and_still_loads(monkeypatch, tmp_path):
-  from mars_jax.audio import librosa_loader
   monkeypatch.setattr(librosa_loader, 'lock_path', lambda: str(tmp_path / 'missing' / 'x.lock'))
   librosa_loader.load.cache_clear()
   try:
