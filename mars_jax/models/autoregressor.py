@@ -23,6 +23,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from mars_jax.models import lean_grads
 from mars_jax.models.layers import trunc_normal
 
 Dtype = Any
@@ -107,15 +108,11 @@ def query_groups(scales: Sequence[int]) -> tuple:
 
 def _layer_norm(x):
   """LayerNorm without affine parameters (AdaLN supplies scale and shift), in float32."""
-  x32 = x.astype(jnp.float32)
-  mu = jnp.mean(x32, -1, keepdims=True)
-  var = jnp.mean(jnp.square(x32 - mu), -1, keepdims=True)
-  return ((x32 - mu) * jax.lax.rsqrt(var + _LN_EPS)).astype(x.dtype)
+  return lean_grads.layer_norm(x.astype(jnp.float32), _LN_EPS).astype(x.dtype)
 
 
 def _l2_normalize(x):
-  x32 = x.astype(jnp.float32)
-  return (x32 * jax.lax.rsqrt(jnp.maximum(jnp.sum(x32 * x32, -1, keepdims=True), 1e-12)))
+  return lean_grads.l2_normalize(x.astype(jnp.float32), 1e-12)
 
 
 def gate_init_for_depth(depth: int) -> float:
@@ -144,9 +141,9 @@ def _attend(q, k, v, mask):
   """softmax(q k^T) v with float32 scores; masked keys get weight exactly 0.
   q (B, H, n, hd), k and v (B, H, m, hd), mask None or broadcastable to (n, m)."""
   s = jnp.einsum('bhqd,bhkd->bhqk', q, k, preferred_element_type=jnp.float32)   # (B, H, n, m)
-  if mask is not None:
-    s = jnp.where(mask, s, -jnp.inf)
-  w = jax.nn.softmax(s, axis=-1)
+  if mask is not None:   # an additive 0 / -inf bias: a where() would save the mask per batch row
+    s = s + jnp.where(mask, 0.0, -jnp.inf).astype(s.dtype)
+  w = lean_grads.softmax(s)
   return jnp.einsum('bhqk,bhkd->bhqd', w.astype(v.dtype), v)
 
 
@@ -253,7 +250,7 @@ class Block(nn.Module):
     h = nn.Dense(hidden, dtype=self.dtype, name='fc1',
                  kernel_init=_p(trunc_normal(std), ('embed', 'mlp')),
                  bias_init=_p(nn.initializers.zeros, ('mlp',)))(h)
-    h = nn.with_logical_constraint(nn.gelu(h, approximate=True), ('batch', None, 'mlp'))
+    h = nn.with_logical_constraint(lean_grads.gelu_tanh(h), ('batch', None, 'mlp'))
     h = nn.Dense(c, dtype=self.dtype, name='fc2',
                  kernel_init=_p(trunc_normal(std / math.sqrt(2 * self.depth)),
                                 ('mlp', 'embed')),
