@@ -85,3 +85,19 @@ def test_the_backward_pass_keeps_less(name, most):
     return sum(1 for a in jax.tree_util.tree_leaves(back) if a.shape == x.shape)
 
   assert big(fn) <= most < big(ref)
+
+
+def test_unstack_is_slicing_with_a_stacking_gradient():
+  x = jax.random.normal(jax.random.PRNGKey(2), (2, 5, 3, 4), jnp.float32)
+  w = jax.random.normal(jax.random.PRNGKey(3), (3, 2, 5, 4), jnp.float32)
+  parts = lean_grads.unstack(x, 2)
+  assert len(parts) == 3
+  for i, p in enumerate(parts):
+    np.testing.assert_array_equal(p, x[:, :, i])
+
+  def loss(f):
+    return lambda x: sum(jnp.sum(jnp.sin(p) * w[i]) for i, p in enumerate(f(x)))
+
+  ours = jax.grad(loss(lambda x: lean_grads.unstack(x, 2)))(x)
+  theirs = jax.grad(loss(lambda x: [x[:, :, i] for i in range(3)]))(x)
+  np.testing.assert_array_equal(ours, theirs)

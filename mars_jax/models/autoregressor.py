@@ -174,9 +174,10 @@ class Attention(nn.Module):
     log_scale = self.param('log_scale', _p(nn.initializers.constant(math.log(4.0)), ('heads',)),
                            (h,))
     scale = jnp.exp(jnp.minimum(log_scale, _MAX_LOG_SCALE))          # (H,)
-    q = _l2_normalize(qkv[:, :, 0] + q_bias) * scale[:, None]       # (B, n, H, hd) f32
-    k = _l2_normalize(qkv[:, :, 1])
-    v = qkv[:, :, 2] + v_bias.astype(qkv.dtype)
+    q, k, v = lean_grads.unstack(qkv, 2)                              # each (B, n, H, hd)
+    q = _l2_normalize(q + q_bias) * scale[:, None]                    # (B, n, H, hd) f32
+    k = _l2_normalize(k)
+    v = v + v_bias.astype(v.dtype)
     q, k, v = (jnp.swapaxes(t, 1, 2) for t in (q, k, v))              # (B, H, n, hd)
     q = nn.with_logical_constraint(q, ('batch', 'heads', None, None))
     if cache is not None:

@@ -95,3 +95,21 @@ def _l2_normalize_jvp(floor, primals, tangents):
   # Where the floor binds, 1/|x| is a constant and dy = r t; elsewhere the radial part goes.
   radial = jnp.where(free, jnp.sum(y * t, -1, keepdims=True), 0.0)
   return y, r * (t - y * radial)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1,))
+def unstack(x, axis):
+  """The slices of x along `axis`, as a tuple. Its gradient stacks the slices' gradients in one
+  write; slicing's own transpose pads each gradient to x's full size with zeros and adds them."""
+  return tuple(jnp.moveaxis(x, axis, 0))
+
+
+def _unstack_fwd(x, axis):
+  return unstack(x, axis), None
+
+
+def _unstack_bwd(axis, _, grads):
+  return (jnp.stack(grads, axis),)
+
+
+unstack.defvjp(_unstack_fwd, _unstack_bwd)
