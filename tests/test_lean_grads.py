@@ -49,6 +49,8 @@ def test_values_equal_and_gradients_agree(name):
   x = 3.0 * jax.random.normal(kx, shape, jnp.float32)
   g = jax.random.normal(kg, shape, jnp.float32)   # a random cotangent
   np.testing.assert_array_equal(jax.jit(fn)(x), jax.jit(ref)(x))
+  # The primal inside the JVP (what training sees) is the same value, not a re-derivation.
+  np.testing.assert_array_equal(jax.jit(lambda x: jax.jvp(fn, (x,), (g,))[0])(x), jax.jit(ref)(x))
   ours = jax.jit(jax.grad(lambda x: jnp.sum(fn(x) * g)))(x)
   theirs = jax.jit(jax.grad(lambda x: jnp.sum(ref(x) * g)))(x)
   assert np.all(np.isfinite(ours))

@@ -27,7 +27,7 @@ _GELU_A = 0.044715
 @jax.custom_jvp
 def softmax(x):
   """Softmax over the last axis; -inf entries get weight exactly 0. Saves only its output."""
-  e = jnp.exp(x - jax.lax.stop_gradient(jnp.max(x, -1, keepdims=True)))
+  e = jnp.exp(x - jnp.max(x, -1, keepdims=True))
   return e / jnp.sum(e, -1, keepdims=True)
 
 
@@ -39,17 +39,22 @@ def _softmax_jvp(primals, tangents):
   return y, y * (t - jnp.sum(y * t, -1, keepdims=True))
 
 
+def _gelu_parts(x):
+  """tanh GELU in jax.nn.gelu's exact operation order, and the tanh its derivative reuses."""
+  th = jnp.tanh(_GELU_C * (x + _GELU_A * (x ** 3)))
+  return x * (0.5 * (1.0 + th)), th
+
+
 @jax.custom_jvp
 def gelu_tanh(x):
   """GELU with the tanh approximation (jax.nn.gelu(approximate=True)). Saves its derivative."""
-  return jax.nn.gelu(x, approximate=True)
+  return _gelu_parts(x)[0]
 
 
 @gelu_tanh.defjvp
 def _gelu_tanh_jvp(primals, tangents):
   (x,), (t,) = primals, tangents
-  th = jnp.tanh(_GELU_C * (x + _GELU_A * x * x * x))
-  y = jax.nn.gelu(x, approximate=True)
+  y, th = _gelu_parts(x)
   # d/dx 0.5 x (1 + tanh u) = 0.5 (1 + tanh u) + 0.5 x (1 - tanh^2 u) u',  u' = c (1 + 3 a x^2)
   dy = 0.5 * (1 + th) + 0.5 * x * (1 - th * th) * (_GELU_C * (1 + 3 * _GELU_A * x * x))
   return y, dy * t
