@@ -57,6 +57,15 @@ def test_values_equal_and_gradients_agree(name):
   np.testing.assert_allclose(ours, theirs, rtol=1e-5, atol=1e-5)
 
 
+def test_gelu_is_jax_nn_gelu_bit_for_bit_in_bfloat16():
+  """The base config computes in bfloat16: the same constants, rounded the same way."""
+  x = (3.0 * jax.random.normal(jax.random.PRNGKey(2), (5, 7, 32))).astype(jnp.bfloat16)
+  ours = jax.jit(lean_grads.gelu_tanh)(x)
+  theirs = jax.jit(lambda v: jax.nn.gelu(v, approximate=True))(x)
+  assert ours.dtype == jnp.bfloat16
+  np.testing.assert_array_equal(np.asarray(ours, np.float32), np.asarray(theirs, np.float32))
+
+
 def test_derivatives_match_finite_differences():
   """A second opinion on the closed forms, independent of JAX's derivatives of the references."""
   x = jax.random.normal(jax.random.PRNGKey(1), (3, 6), jnp.float32)
