@@ -23,6 +23,22 @@ def test_an_unknown_commit_is_refused_with_its_name(tmp_path):
     compare.extract('no-such-rev', str(tmp_path))
 
 
+def test_the_speedup_interval_is_the_geometric_mean_of_rounds_plus_minus_two_se():
+  # log ratios log 2 and log 4: mean 1.5 log 2, SE = (log 2 / sqrt 2) / sqrt 2 = log 2 / 2.
+  mean, lo, hi = compare.speedup_interval([2.0, 4.0], [1.0, 1.0])
+  assert mean == pytest.approx(2 ** 1.5)
+  assert lo == pytest.approx(2 ** 0.5) and hi == pytest.approx(2 ** 2.5)
+  assert compare.speedup_interval([3.0], [2.0]) == pytest.approx((1.5, 1.5, 1.5))
+  with pytest.raises(ValueError):
+    compare.speedup_interval([1.0, 2.0], [1.0])
+
+
+@pytest.mark.parametrize('lo,hi,expected', [(1.5, 1.7, 'met'), (1.2, 1.39, 'not met'),
+                                            (1.3, 1.5, 'not resolved'), (1.4, 1.4, 'met')])
+def test_a_target_is_met_only_when_the_whole_interval_clears_it(lo, hi, expected):
+  assert compare.verdict(1.4, lo, hi) == expected
+
+
 @pytest.mark.slow
 def test_the_same_commit_on_both_sides_computes_the_same_loss(capsys):
   """HEAD against HEAD: each side's child imports its own tree (checked by run_child) and both

@@ -5,7 +5,10 @@ Each side runs in its own child process with its own code (the earlier commit is
 step the way that version's engine compiled it, at the same shapes, on random inputs: compile,
 `--warmup` untimed steps, the median of `--steps` timed ones. The two sides alternate, in a
 different order each round (`--rounds`), so a change of load on the machine falls on both; the
-table gives each side's median over its rounds and the speed-up (earlier / this).
+table gives each side's median over its rounds and the speed-up (earlier / this). Each round's
+pair gives its own speed-up; their geometric mean +- two standard errors is the interval a
+target is judged by: met only when the whole interval clears it, not met only when the whole
+interval falls short, otherwise "not resolved" (more rounds narrow it).
 
 Parts (the shapes of issue 14's measurements):
   var_tiny  autoregressor step: configs/tiny.py's VAR (depth 3, width 128, 4 heads, 85 tokens,
@@ -33,6 +36,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import statistics
 import subprocess
@@ -50,6 +54,24 @@ TARGETS = {'var_tiny': 1.6, 'var_mid': 1.4}   # issue 14: speed-up over commit 1
 
 def _log(msg):
   print(msg, file=sys.stderr, flush=True)
+
+
+def speedup_interval(earlier, this):
+  """Per-round speed-ups earlier[i] / this[i] -> (geometric mean, mean - 2 SE, mean + 2 SE),
+  on log ratios (a ratio's spread is symmetric in log space). One round: no spread, (r, r, r)."""
+  logs = [math.log(e / t) for e, t in zip(earlier, this, strict=True)]
+  mean = statistics.fmean(logs)
+  se = statistics.stdev(logs) / math.sqrt(len(logs)) if len(logs) > 1 else 0.0
+  return math.exp(mean), math.exp(mean - 2 * se), math.exp(mean + 2 * se)
+
+
+def verdict(target, lo, hi):
+  """Whether a speed-up interval [lo, hi] meets `target`, claiming nothing the spread hides."""
+  if lo >= target:
+    return 'met'
+  if hi < target:
+    return 'not met'
+  return 'not resolved'
 
 
 # --- child: runs inside either version ---------------------------------------------------------
@@ -245,7 +267,9 @@ def main(argv=None):
           faults[side].append(out['minor_faults'])
           loss[side] = out['loss']
       old, new = statistics.median(runs['earlier']), statistics.median(runs['this'])
+      gmean, lo, hi = speedup_interval(runs['earlier'], runs['this'])
       rows.append({'part': part, 'earlier_s': old, 'this_s': new, 'speedup': old / new,
+                   'round_speedup': gmean, 'round_speedup_lo': lo, 'round_speedup_hi': hi,
                    'earlier_runs': runs['earlier'], 'this_runs': runs['this'],
                    'earlier_loss': loss['earlier'], 'this_loss': loss['this'],
                    'earlier_faults': statistics.median(faults['earlier']),
@@ -259,16 +283,19 @@ def main(argv=None):
     return 0
   print(f'machine: {mach}; against {args.against}; this side\'s --set: {args.set or "none"}, '
         f'--this-env: {this_env or "none"}; both: {doc["env"]}')
-  print('| part | earlier s (median of rounds) | this s | speed-up | target | '
-        'rounds earlier / this | page faults a step, earlier / this |')
-  print('|---|---|---|---|---|---|---|')
+  print('| part | earlier s (median of rounds) | this s | speed-up | per round: mean, +- 2 SE | '
+        'target | rounds earlier / this | page faults a step, earlier / this |')
+  print('|---|---|---|---|---|---|---|---|')
   for r in rows:
-    t = r['target']
-    verdict = '-' if t is None else f'{t}x: {"met" if r["speedup"] >= t else "not met"}'
+    t, lo, hi = r['target'], r['round_speedup_lo'], r['round_speedup_hi']
+    judged = '-' if t is None else f'{t}x: {verdict(t, lo, hi)}'
     runs = (', '.join(f'{x:.3f}' for x in r['earlier_runs']) + ' / '
             + ', '.join(f'{x:.3f}' for x in r['this_runs']))
     print(f'| {r["part"]} | {r["earlier_s"]:.3f} | {r["this_s"]:.3f} | {r["speedup"]:.2f}x | '
-          f'{verdict} | {runs} | {r["earlier_faults"]:,.0f} / {r["this_faults"]:,.0f} |')
+          f'{r["round_speedup"]:.2f}x [{lo:.2f}, {hi:.2f}] | {judged} | {runs} | '
+          f'{r["earlier_faults"]:,.0f} / {r["this_faults"]:,.0f} |')
+  if args.rounds < 2:
+    print('one round: no spread to judge a target by; use --rounds 3 or more')
   return 0
 
 
