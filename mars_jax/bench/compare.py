@@ -223,7 +223,8 @@ def main(argv=None):
                               formatter_class=argparse.RawDescriptionHelpFormatter)
   p.add_argument('--against', default='1cba8b4', help='the earlier commit (any git revision)')
   p.add_argument('--parts', default='var_tiny,var_mid,tok_tiny', help=f'any of {",".join(PARTS)}')
-  p.add_argument('--rounds', type=int, default=3, help='alternations of the two sides')
+  p.add_argument('--rounds', type=int, default=3,
+                 help='alternations of the two sides (2 or more to judge a target)')
   p.add_argument('--steps', type=int, default=5, help='timed steps a child (median)')
   p.add_argument('--warmup', type=int, default=2, help='untimed steps first')
   p.add_argument('--set', action='append', default=[], metavar='FIELD=VALUE',
@@ -288,14 +289,13 @@ def main(argv=None):
   print('|---|---|---|---|---|---|---|---|')
   for r in rows:
     t, lo, hi = r['target'], r['round_speedup_lo'], r['round_speedup_hi']
-    judged = '-' if t is None else f'{t}x: {verdict(t, lo, hi)}'
+    judged = ('-' if t is None else f'{t}x: one round, not judged' if len(r['this_runs']) < 2
+              else f'{t}x: {verdict(t, lo, hi)}')
     runs = (', '.join(f'{x:.3f}' for x in r['earlier_runs']) + ' / '
             + ', '.join(f'{x:.3f}' for x in r['this_runs']))
     print(f'| {r["part"]} | {r["earlier_s"]:.3f} | {r["this_s"]:.3f} | {r["speedup"]:.2f}x | '
           f'{r["round_speedup"]:.2f}x [{lo:.2f}, {hi:.2f}] | {judged} | {runs} | '
           f'{r["earlier_faults"]:,.0f} / {r["this_faults"]:,.0f} |')
-  if args.rounds < 2:
-    print('one round: no spread to judge a target by; use --rounds 3 or more')
   return 0
 
 
