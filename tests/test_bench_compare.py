@@ -39,6 +39,13 @@ def test_a_target_is_met_only_when_the_whole_interval_clears_it(lo, hi, expected
   assert compare.verdict(1.4, lo, hi) == expected
 
 
+@pytest.mark.parametrize('flag', ['--rounds=0', '--steps=0', '--warmup=-1'])
+def test_counts_below_their_minimum_are_refused_by_name(flag, capsys):
+  with pytest.raises(SystemExit):
+    compare.main([flag])
+  assert flag.split('=')[0] in capsys.readouterr().err
+
+
 @pytest.mark.slow
 def test_the_same_commit_on_both_sides_computes_the_same_loss(capsys):
   """HEAD against HEAD: each side's child imports its own tree (checked by run_child) and both

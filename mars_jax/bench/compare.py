@@ -236,6 +236,8 @@ def main(argv=None):
   p.add_argument('--json', action='store_true', help='one JSON document on stdout')
   p.add_argument('--child', help=argparse.SUPPRESS)
   args = p.parse_args(argv)
+  if args.rounds < 1 or args.steps < 1 or args.warmup < 0:
+    p.error('--rounds and --steps take 1 or more, --warmup 0 or more')
   bad = [e for e in args.this_env if '=' not in e or not e.split('=', 1)[0]]
   if bad:
     p.error(f'--this-env takes NAME=VALUE, got {", ".join(bad)}')
