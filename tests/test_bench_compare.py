@@ -59,3 +59,4 @@ def test_the_same_commit_on_both_sides_computes_the_same_loss(capsys):
   row = json.loads(capsys.readouterr().out)['rows'][0]
   assert row['earlier_loss'] == row['this_loss']
   assert row['earlier_s'] > 0 and row['this_s'] > 0
+  assert row['target'] is None and row['verdict'] is None   # tok_tiny has no issue target

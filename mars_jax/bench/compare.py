@@ -271,13 +271,16 @@ def main(argv=None):
           loss[side] = out['loss']
       old, new = statistics.median(runs['earlier']), statistics.median(runs['this'])
       gmean, lo, hi = speedup_interval(runs['earlier'], runs['this'])
+      target = TARGETS.get(part)
+      judged = (None if target is None else 'one round, not judged' if args.rounds < 2
+                else verdict(target, lo, hi))
       rows.append({'part': part, 'earlier_s': old, 'this_s': new, 'speedup': old / new,
                    'round_speedup': gmean, 'round_speedup_lo': lo, 'round_speedup_hi': hi,
                    'earlier_runs': runs['earlier'], 'this_runs': runs['this'],
                    'earlier_loss': loss['earlier'], 'this_loss': loss['this'],
                    'earlier_faults': statistics.median(faults['earlier']),
                    'this_faults': statistics.median(faults['this']),
-                   'target': TARGETS.get(part)})
+                   'target': target, 'verdict': judged})
   doc = {'machine': mach, 'against': args.against, 'sets': args.set, 'this_env': this_env,
          'env': {k: os.environ.get(k, '') for k in ('GLIBC_TUNABLES', 'LD_PRELOAD')},
          'end_load': machine_lib.load_average(), 'rows': rows}
@@ -290,9 +293,8 @@ def main(argv=None):
         'target | rounds earlier / this | page faults a step, earlier / this |')
   print('|---|---|---|---|---|---|---|---|')
   for r in rows:
-    t, lo, hi = r['target'], r['round_speedup_lo'], r['round_speedup_hi']
-    judged = ('-' if t is None else f'{t}x: one round, not judged' if len(r['this_runs']) < 2
-              else f'{t}x: {verdict(t, lo, hi)}')
+    lo, hi = r['round_speedup_lo'], r['round_speedup_hi']
+    judged = '-' if r['target'] is None else f'{r["target"]}x: {r["verdict"]}'
     runs = (', '.join(f'{x:.3f}' for x in r['earlier_runs']) + ' / '
             + ', '.join(f'{x:.3f}' for x in r['this_runs']))
     print(f'| {r["part"]} | {r["earlier_s"]:.3f} | {r["this_s"]:.3f} | {r["speedup"]:.2f}x | '
