@@ -1,6 +1,8 @@
 """bench/compare.py: two versions' train steps, each in its own process with its own code."""
+import argparse
 import os
 import subprocess
+import sys
 
 import pytest
 
@@ -60,3 +62,60 @@ def test_the_same_commit_on_both_sides_computes_the_same_loss(capsys):
   assert row['earlier_loss'] == row['this_loss']
   assert row['earlier_s'] > 0 and row['this_s'] > 0
   assert row['target'] is None and row['verdict'] is None   # tok_tiny has no issue target
+
+
+FAKE_SERVER = r'''
+import json, os, sys
+side, seconds, log = sys.argv[1], float(sys.argv[2]), sys.argv[3]
+print('some JAX warning on stdout', flush=True)
+print('READY', flush=True)
+times = []
+for line in sys.stdin:
+  words = line.split()
+  if words[0] != 'run':
+    break
+  with open(log, 'a') as f:
+    f.write(f'{side} {words[1]}\n')
+  times += [seconds] * int(words[1])
+  print('TIMES ' + json.dumps([seconds] * int(words[1])), flush=True)
+print('RESULT ' + json.dumps({'part': 'p', 'compile_s': 0.0, 'times': times, 'loss': 1.0,
+                              'minor_faults': 0, 'kernel_s': 0.0,
+                              'code': os.path.join(os.getcwd(), 'mars_jax')}), flush=True)
+'''
+
+
+def _fake_sides(tmp_path, monkeypatch, script=FAKE_SERVER):
+  """Two fake children speaking the server protocol: 'earlier' steps in 2 s, 'this' in 1 s."""
+  server = tmp_path / 'server.py'
+  server.write_text(script)
+  log = tmp_path / 'log'
+  seconds = {'earlier': 2.0, 'this': 1.0}
+
+  def cmd(tree, part, args, sets, extra_env, serve):
+    side = os.path.basename(tree)
+    return [sys.executable, str(server), side, str(seconds[side]), str(log)], dict(os.environ)
+
+  monkeypatch.setattr(compare, '_child_cmd', cmd)
+  sides = []
+  for side in seconds:
+    (tmp_path / side).mkdir()
+    sides.append((side, str(tmp_path / side), [], {}))
+  return tuple(sides), log
+
+
+def test_interleaved_sides_take_turns_a_round_at_a_time_in_swapped_order(tmp_path, monkeypatch):
+  sides, log = _fake_sides(tmp_path, monkeypatch)
+  args = argparse.Namespace(rounds=3, steps=4, warmup=0)
+  runs, _, loss = compare.measure_interleaved(sides, 'p', args)
+  assert log.read_text().split('\n')[:-1] == ['earlier 4', 'this 4', 'this 4', 'earlier 4',
+                                               'earlier 4', 'this 4']
+  assert runs == {'earlier': [2.0] * 3, 'this': [1.0] * 3}
+  assert compare.speedup_interval(runs['earlier'], runs['this']) == (2.0, 2.0, 2.0)
+  assert loss == {'earlier': 1.0, 'this': 1.0}
+
+
+def test_a_child_that_dies_is_reported_with_its_error(tmp_path, monkeypatch):
+  dying = "import sys\nprint('READY', flush=True)\nsys.exit('out of memory in the step')\n"
+  sides, _ = _fake_sides(tmp_path, monkeypatch, dying)
+  with pytest.raises(SystemExit, match='out of memory in the step'):
+    compare.run_interleaved(sides, 'p', argparse.Namespace(rounds=1, steps=1, warmup=0))

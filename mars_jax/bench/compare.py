@@ -3,12 +3,18 @@
 Each side runs in its own child process with its own code (the earlier commit is extracted with
 `git archive` into a temporary folder and put first on PYTHONPATH), building the stage's train
 step the way that version's engine compiled it, at the same shapes, on random inputs: compile,
-`--warmup` untimed steps, the median of `--steps` timed ones. The two sides alternate, in a
-different order each round (`--rounds`), so a change of load on the machine falls on both; the
-table gives each side's median over its rounds and the speed-up (earlier / this). Each round's
-pair gives its own speed-up; their geometric mean +- two standard errors is the interval a
-target is judged by: met only when the whole interval clears it, not met only when the whole
-interval falls short, otherwise "not resolved" (more rounds narrow it).
+then `--warmup` untimed steps. Both children then stay alive and take turns, a round at a time:
+one untimed step and `--steps` timed ones on one side, then the same on the other, the order
+swapped each round. A round's two medians share the machine's state of those few seconds, so the
+round's speed-up (earlier / this) is free of the drift between minutes that spreads separate
+runs by 20-40% on a shared 2-core host; the untimed step keeps what the other process left
+behind (freed memory, the kernel's deferred work) off the timed ones. (Turns of single steps
+were tried and are biased: each step's leftovers land on the other side's clock.) The rounds'
+speed-ups give a geometric mean +- two standard errors, the interval a target is judged by: met
+only when the whole interval clears it, not met only when it all falls short, otherwise "not
+resolved" (more rounds narrow it). The table also gives each side's median over its rounds.
+`--sequential` runs a fresh pair of processes a round instead, one after the other (how this
+tool measured before 2026-12-02).
 
 Parts (the shapes of issue 14's measurements):
   var_tiny  autoregressor step: configs/tiny.py's VAR (depth 3, width 128, 4 heads, 85 tokens,
@@ -20,7 +26,7 @@ Parts (the shapes of issue 14's measurements):
 Run:
   python -m mars_jax.bench compare --against 1cba8b4 [--parts var_tiny,var_mid,tok_tiny]
                                    [--rounds 3] [--steps 5] [--set FIELD=VALUE ...]
-                                   [--this-env NAME=VALUE ...] [--json]
+                                   [--this-env NAME=VALUE ...] [--sequential] [--json]
 `--set` overrides apply to this checkout's side only (e.g. autoregressor.remat=dots), so a
 setting can be measured against the earlier code as it was; `--this-env` does the same for the
 process environment. Both sides otherwise run in this process's environment, which includes
@@ -122,7 +128,9 @@ def compiled_step(engine, task, config, stage, mesh, rules, batch_abs):
   return init, lambda state, batch: compiled(state, batch, frozen)
 
 
-def child(part, steps, warmup, sets):
+def child(part, steps, warmup, sets, serve=False):
+  """Builds `part`'s step and runs `warmup` untimed steps; then either times `steps` steps or,
+  with `serve`, prints READY and times one step per 'step' line on stdin until 'end'."""
   import resource
   import time
   import flax.linen as nn
@@ -161,22 +169,41 @@ def child(part, steps, warmup, sets):
     compile_s = time.perf_counter() - t0
     device_batch = part_lib.put_batch(local, mesh)
     state = jax.block_until_ready(init(device_batch))
-    times = []
-    for i in range(warmup + steps):
-      if i == warmup:   # page faults and kernel time of the timed steps (see allocator.py)
-        usage0 = resource.getrusage(resource.RUSAGE_SELF)
+    metrics = None
+
+    def timed():
+      nonlocal state, metrics
       t0 = time.perf_counter()
       state, metrics = step(state, device_batch)
       jax.block_until_ready((state, metrics))
-      if i >= warmup:
-        times.append(time.perf_counter() - t0)
+      return time.perf_counter() - t0
+
+    for _ in range(warmup):
+      timed()
+    usage0 = resource.getrusage(resource.RUSAGE_SELF)  # page faults, kernel time (allocator.py)
+    times, untimed = [], 0
+    if serve:
+      print('READY', flush=True)
+      for line in sys.stdin:   # 'run N': N steps, the first untimed (it absorbs the other
+        words = line.split()   # process's leftovers: a freed heap, the kernel's deferred work)
+        if not words or words[0] != 'run':
+          break
+        timed()
+        block = [timed() for _ in range(int(words[1]))]
+        times += block
+        untimed += 1
+        print('TIMES ' + json.dumps(block), flush=True)
+    else:
+      times = [timed() for _ in range(steps)]
     usage1 = resource.getrusage(resource.RUSAGE_SELF)
   import mars_jax
+  n = max(len(times) + untimed, 1)   # the faults and kernel time are of every step run
   print('RESULT ' + json.dumps({'part': part, 'compile_s': compile_s, 'times': times,
-                                'loss': float(metrics['loss']),
-                                'minor_faults': (usage1.ru_minflt - usage0.ru_minflt) / steps,
-                                'kernel_s': (usage1.ru_stime - usage0.ru_stime) / steps,
-                                'code': os.path.dirname(os.path.abspath(mars_jax.__file__))}))
+                                'loss': float(metrics['loss']) if metrics else float('nan'),
+                                'minor_faults': (usage1.ru_minflt - usage0.ru_minflt) / n,
+                                'kernel_s': (usage1.ru_stime - usage0.ru_stime) / n,
+                                'code': os.path.dirname(os.path.abspath(mars_jax.__file__))}),
+        flush=True)
 
 
 # --- driver ------------------------------------------------------------------------------------
@@ -201,21 +228,138 @@ def extract(rev, dest):
   return dest
 
 
-def run_child(tree, part, args, sets, extra_env=()):
+def _child_cmd(tree, part, args, sets, extra_env, serve):
   env = dict(os.environ, PYTHONPATH=tree + os.pathsep + os.environ.get('PYTHONPATH', ''))
   env.update(extra_env)
   # -P: this file's folder (mars_jax/bench) must not shadow top-level modules in the child.
   cmd = [sys.executable, '-P', os.path.abspath(__file__), '--child', part,
          '--steps', str(args.steps), '--warmup', str(args.warmup)]
-  cmd += [f'--set={s}' for s in sets]
-  r = subprocess.run(cmd, cwd=tree, env=env, capture_output=True, text=True)
-  line = next((x for x in r.stdout.splitlines() if x.startswith('RESULT ')), None)
-  if r.returncode != 0 or line is None:
-    raise SystemExit(f'{part} in {tree} failed (exit {r.returncode}):\n{r.stderr[-3000:]}')
+  cmd += [f'--set={s}' for s in sets] + (['--serve'] if serve else [])
+  return cmd, env
+
+
+def _result(part, tree, stdout, returncode, stderr):
+  line = next((x for x in stdout.splitlines() if x.startswith('RESULT ')), None)
+  if returncode != 0 or line is None:
+    raise SystemExit(f'{part} in {tree} failed (exit {returncode}):\n{stderr[-3000:]}')
   out = json.loads(line[len('RESULT '):])
   if os.path.realpath(out['code']) != os.path.realpath(os.path.join(tree, 'mars_jax')):
     raise SystemExit(f'{part}: the child imported mars_jax from {out["code"]}, not {tree}')
   return out
+
+
+def run_child(tree, part, args, sets, extra_env=()):
+  """One child, start to end: `--warmup` then `--steps` timed steps (the sequential mode)."""
+  cmd, env = _child_cmd(tree, part, args, sets, extra_env, serve=False)
+  r = subprocess.run(cmd, cwd=tree, env=env, capture_output=True, text=True)
+  return _result(part, tree, r.stdout, r.returncode, r.stderr)
+
+
+class Server:
+  """A child that holds its compiled step and times one step each time it is asked."""
+
+  def __init__(self, cmd, tree, env, part):
+    self.tree, self.part = tree, part
+    self.err = tempfile.TemporaryFile(mode='w+')   # a file, not a pipe: JAX's logs cannot block
+    self.proc = subprocess.Popen(cmd, cwd=tree, env=env, stdin=subprocess.PIPE,
+                                 stdout=subprocess.PIPE, stderr=self.err, text=True, bufsize=1)
+
+  def _died(self, waiting_for):
+    self.err.seek(0)
+    raise SystemExit(f'{self.part} in {self.tree} stopped (exit {self.proc.wait()}) before '
+                     f'{waiting_for}:\n{self.err.read()[-3000:]}')
+
+  def _send(self, line):
+    try:
+      self.proc.stdin.write(line + '\n')
+    except BrokenPipeError:
+      self._died(repr(line))
+
+  def _line(self, prefix):
+    for line in self.proc.stdout:
+      if line.startswith(prefix):
+        return line
+    self._died(prefix.strip())
+
+  def ready(self):
+    self._line('READY')
+
+  def run(self, steps):
+    """One untimed step, then `steps` timed ones; their times."""
+    self._send(f'run {steps}')
+    return json.loads(self._line('TIMES ')[len('TIMES '):])
+
+  def end(self):
+    self._send('end')
+    self.proc.stdin.close()
+    stdout = self._line('RESULT ')
+    code = self.proc.wait()
+    self.err.seek(0)
+    return _result(self.part, self.tree, stdout, code, self.err.read())
+
+  def kill(self):
+    if self.proc.poll() is None:
+      self.proc.kill()
+      self.proc.wait()
+    self.err.close()
+
+
+def run_interleaved(sides, part, args):
+  """Both children alive at once, taking turns a round at a time (A B, then B A, ...): one
+  untimed step, then `--steps` timed ones each, so a round's pair shares the machine's state of
+  those seconds, and what a step leaves behind (freed memory, the kernel's deferred work) falls
+  on its own process's next step, as it does in training, not on the other side's clock.
+  Returns {side: result}; round r is 'times' [r * steps, (r + 1) * steps) of each side."""
+  servers = {}
+  try:
+    for side, tree, sets, env in sides:
+      cmd, full_env = _child_cmd(tree, part, args, sets, env, serve=True)
+      servers[side] = Server(cmd, tree, full_env, part)
+    for s in servers.values():   # compile and warm up (both at once), then time in turns
+      s.ready()
+    names = [side for side, *_ in sides]
+    for r in range(args.rounds):
+      for side in (names if r % 2 == 0 else names[::-1]):
+        servers[side].run(args.steps)
+    return {side: s.end() for side, s in servers.items()}
+  finally:
+    for s in servers.values():
+      s.kill()
+
+
+def _note(part, label, side, med, out):
+  _log(f'[{part}] {label} {side}: median {med:.3f} s (compile {out["compile_s"]:.1f} s, loss '
+       f'{out["loss"]:.4f}; a step: {out["minor_faults"]:.0f} page faults, '
+       f'{out["kernel_s"]:.3f} s in the kernel)')
+
+
+def measure_sequential(sides, part, args):
+  """A fresh pair of children each round, one after the other (the order swapped each round).
+  Returns ({side: median a round}, {side: page faults a step, by round}, {side: last loss})."""
+  runs, faults, loss = {}, {}, {}
+  for r in range(args.rounds):
+    for side, tree, sets, env in (sides if r % 2 == 0 else sides[::-1]):
+      out = run_child(tree, part, args, sets, env)
+      med = statistics.median(out['times'])
+      _note(part, f'round {r + 1}', side, med, out)
+      runs.setdefault(side, []).append(med)
+      faults.setdefault(side, []).append(out['minor_faults'])
+      loss[side] = out['loss']
+  return runs, faults, loss
+
+
+def measure_interleaved(sides, part, args):
+  """One child a side for the whole part, stepping in turns; round r is the median of each
+  side's r-th run of `--steps` steps. Same return as `measure_sequential`."""
+  outs = run_interleaved(sides, part, args)
+  runs, faults, loss = {}, {}, {}
+  for side, out in outs.items():
+    t = out['times']
+    runs[side] = [statistics.median(t[r * args.steps:(r + 1) * args.steps])
+                  for r in range(args.rounds)]
+    _note(part, f'{args.rounds} rounds', side, statistics.median(runs[side]), out)
+    faults[side], loss[side] = [out['minor_faults']], out['loss']
+  return runs, faults, loss
 
 
 def main(argv=None):
@@ -224,8 +368,11 @@ def main(argv=None):
   p.add_argument('--against', default='1cba8b4', help='the earlier commit (any git revision)')
   p.add_argument('--parts', default='var_tiny,var_mid,tok_tiny', help=f'any of {",".join(PARTS)}')
   p.add_argument('--rounds', type=int, default=3,
-                 help='alternations of the two sides (2 or more to judge a target)')
-  p.add_argument('--steps', type=int, default=5, help='timed steps a child (median)')
+                 help='rounds, each giving one speed-up (2 or more to judge a target)')
+  p.add_argument('--steps', type=int, default=5, help='timed steps a side a round (median)')
+  p.add_argument('--sequential', action='store_true',
+                 help='a fresh pair of processes each round, run one after the other, instead '
+                      'of two processes stepping in turns')
   p.add_argument('--warmup', type=int, default=2, help='untimed steps first')
   p.add_argument('--set', action='append', default=[], metavar='FIELD=VALUE',
                  help='config override on this checkout\'s side only')
@@ -235,6 +382,7 @@ def main(argv=None):
                       'process\'s environment')
   p.add_argument('--json', action='store_true', help='one JSON document on stdout')
   p.add_argument('--child', help=argparse.SUPPRESS)
+  p.add_argument('--serve', action='store_true', help=argparse.SUPPRESS)
   args = p.parse_args(argv)
   if args.rounds < 1 or args.steps < 1 or args.warmup < 0:
     p.error('--rounds and --steps take 1 or more, --warmup 0 or more')
@@ -243,7 +391,7 @@ def main(argv=None):
     p.error(f'--this-env takes NAME=VALUE, got {", ".join(bad)}')
   this_env = dict(e.split('=', 1) for e in args.this_env)
   if args.child:
-    child(args.child, args.steps, args.warmup, args.set)
+    child(args.child, args.steps, args.warmup, args.set, serve=args.serve)
     return 0
   parts = [x for x in args.parts.split(',') if x]
   unknown = sorted(set(parts) - set(PARTS))
@@ -257,18 +405,9 @@ def main(argv=None):
     old_tree = extract(args.against, os.path.join(tmp))
     new_tree = repo_root()
     for part in parts:
-      runs, faults, loss = {'earlier': [], 'this': []}, {'earlier': [], 'this': []}, {}
-      for r in range(args.rounds):
-        order = (('earlier', old_tree, [], {}), ('this', new_tree, args.set, this_env))
-        for side, tree, sets, env in (order if r % 2 == 0 else order[::-1]):
-          out = run_child(tree, part, args, sets, env)
-          med = statistics.median(out['times'])
-          _log(f'[{part}] round {r + 1} {side}: median {med:.3f} s '
-               f'(compile {out["compile_s"]:.1f} s, loss {out["loss"]:.4f}; a step: '
-               f'{out["minor_faults"]:.0f} page faults, {out["kernel_s"]:.3f} s in the kernel)')
-          runs[side].append(med)
-          faults[side].append(out['minor_faults'])
-          loss[side] = out['loss']
+      sides = (('earlier', old_tree, [], {}), ('this', new_tree, args.set, this_env))
+      runs, faults, loss = (measure_sequential if args.sequential else measure_interleaved)(
+          sides, part, args)
       old, new = statistics.median(runs['earlier']), statistics.median(runs['this'])
       gmean, lo, hi = speedup_interval(runs['earlier'], runs['this'])
       target = TARGETS.get(part)
