@@ -230,3 +230,26 @@ def test_missing_files_name_the_culprit(config, tmp_path):
   with pytest.raises(pipeline.DataError, match='prepare') as e:
     _it(config, data, batch_size=2)
   assert gone in str(e.value)
+
+
+def test_index_is_each_examples_place_in_its_split_across_epochs_and_processes(config, data_dir):
+  """'index' keys per-example tables (the autoregressor's cached tokens): it must name the very
+  record the example came from, in every epoch (grain hands repeated parents index + epoch * n),
+  on every process (worker processes give the same batches: test_workers_match_in_process).
+  Record i carries velocity i."""
+  for pc in (1, 2):
+    for pi in range(pc):
+      it = pipeline.make_iterator(config, data_dir, 'train', batch_size=BATCH, seed=3,
+                                  process_index=pi, process_count=pc, worker_count=0)
+      batches = _take(it, 3 * N // BATCH)              # three epochs
+      index = [int(v) for b in batches for v in b['index']]
+      assert index == _ids(batches)
+  one = _take(pipeline.make_iterator(config, data_dir, 'train', batch_size=BATCH, seed=3,
+                                     worker_count=0), 3 * N // BATCH)
+  index = [int(v) for b in one for v in b['index']]
+  for epoch in range(3):                               # each epoch: every example once
+    assert sorted(index[epoch * N:(epoch + 1) * N]) == list(range(N))
+  evaluated = list(pipeline.eval_batches(config, data_dir, 'train', batch_size=8))
+  real = [int(i) for b in evaluated for i, m in zip(b['index'], b['mask']) if m]
+  assert real == list(range(N)) == [int(v) for b in evaluated
+                                    for v, m in zip(b['velocity'], b['mask']) if m]

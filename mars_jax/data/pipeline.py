@@ -80,15 +80,19 @@ def _check_manifest(manifest: dict, shapes: config_lib.Shapes, config, data_dir:
 
 
 @dataclasses.dataclass(frozen=True)
-class Decode(grain.transforms.Map):
-  """Record bytes -> model inputs. A frozen dataclass of plain fields: pickled to workers."""
+class Decode(grain.transforms.MapWithIndex):
+  """(index, record bytes) -> model inputs. A frozen dataclass of plain fields: pickled to
+  workers. Applied straight on the source, so 'index' is the example's place in its split
+  (grain hands a repeated dataset's parents index + epoch * size: taken modulo `size`), which
+  keys per-example tables such as the autoregressor's cached tokens."""
   mode: str            # cmx.mode
   factor: int          # cmx.factor
   pitch_lo: int
   num_pitches: int
   instrument_label: str  # 'family' | 'instrument'
+  size: int            # examples in the split
 
-  def map(self, record: bytes) -> dict:
+  def map_with_index(self, index: int, record: bytes) -> dict:
     r = records.decode(record)
     pitch = int(r['pitch']) - self.pitch_lo
     if not 0 <= pitch < self.num_pitches:
@@ -99,7 +103,7 @@ class Decode(grain.transforms.Map):
     image = cmx.to_image(r['spec'], self)  # reads .mode and .factor
     return {'image': np.ascontiguousarray(image), 'pitch': np.int32(pitch),
             'instrument': np.int32(r[self.instrument_label]),
-            'velocity': np.int32(r['velocity'])}
+            'velocity': np.int32(r['velocity']), 'index': np.int32(index % self.size)}
 
 
 def to_float32(batch: dict) -> dict:
@@ -107,10 +111,10 @@ def to_float32(batch: dict) -> dict:
   return {**batch, 'image': batch['image'].astype(np.float32)}
 
 
-def _decoder(config, shapes) -> Decode:
+def _decoder(config, shapes, size) -> Decode:
   return Decode(mode=str(config.cmx.mode), factor=int(config.cmx.factor),
                 pitch_lo=shapes.pitch_lo, num_pitches=shapes.num_pitches,
-                instrument_label=str(config.data.instrument_label))
+                instrument_label=str(config.data.instrument_label), size=size)
 
 
 def _process(process_index, process_count):
@@ -142,8 +146,8 @@ def make_iterator(config, data_dir: str, split: str, *, batch_size: int, shuffle
                   drop_remainder: bool = True) -> 'BatchIterator':
   """A checkpointable iterator over this process's share of global batches of `batch_size`.
 
-  Each element is {'image': f32 (b, H, W, C), 'pitch', 'instrument', 'velocity': i32 (b,)}
-  with b = batch_size // process_count. The shuffle is seeded by `seed` (default
+  Each element is {'image': f32 (b, H, W, C), 'pitch', 'instrument', 'velocity', 'index':
+  i32 (b,)} ('index': each example's place in the split) with b = batch_size // process_count. The shuffle is seeded by `seed` (default
   config.seed) folded with the epoch, so every epoch has a new but reproducible order.
   Each global batch is consecutive examples of the one global order, process p holding
   its p-th slice: disjoint across processes, together the whole epoch, and the same
@@ -159,6 +163,7 @@ def make_iterator(config, data_dir: str, split: str, *, batch_size: int, shuffle
 
   ds, shapes = open_split(config, data_dir, split)
   n = len(ds)
+  ds = ds.map_with_index(_decoder(config, shapes, n))   # lazy: decodes only what is read
   if shuffle:
     ds = ds.shuffle(seed=seed)
   if repeat:
@@ -171,7 +176,7 @@ def make_iterator(config, data_dir: str, split: str, *, batch_size: int, shuffle
   # Batch the one global order, then deal whole batches out: process p holds rows
   # [p*local, (p+1)*local) of every global batch, so a global batch has the same rows in the
   # same order whatever the process count (a 2-process run equals a 1-process run).
-  ds = ds.map(_decoder(config, shapes)).batch(local, drop_remainder=drop_remainder)[pi::pc]
+  ds = ds.batch(local, drop_remainder=drop_remainder)[pi::pc]
   ds = ds.map(to_float32)
   it_ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=READ_THREADS,
                                                prefetch_buffer_size=READ_BUFFER))
@@ -269,11 +274,12 @@ def eval_batches(config, data_dir: str, split: str, batch_size: int,
   local = batch_size // pc
   ds, shapes = open_split(config, data_dir, split)
   n = len(ds) if max_examples is None else min(len(ds), int(max_examples))
-  ds = ds[:n].map(_decoder(config, shapes)).map(_with_mask)
+  ds = ds[:n].map_with_index(_decoder(config, shapes, n)).map(_with_mask)
   per_process = -(-n // pc)
   total = -(-per_process // local) * local * pc
   blank = {'image': np.zeros(shapes.image, np.float32), 'pitch': np.int32(0),
-           'instrument': np.int32(0), 'velocity': np.int32(0), 'mask': np.bool_(False)}
+           'instrument': np.int32(0), 'velocity': np.int32(0), 'index': np.int32(0),
+           'mask': np.bool_(False)}
   ds = grain.MapDataset.source(_Padded(ds, total, blank))[pi::pc].batch(local).map(to_float32)
   return iter(ds.to_iter_dataset(grain.ReadOptions(num_threads=READ_THREADS,
                                                    prefetch_buffer_size=READ_BUFFER)))
