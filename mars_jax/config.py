@@ -16,11 +16,13 @@ SOURCES = ('synthetic', 'nsynth', 'folder', 'soundfont')
 
 # Fields that change how fast a stage runs or how audio is decoded later, not what it writes:
 # left out of every fingerprint, so changing them reuses the work already done (remat only
-# trades memory for recomputation: the same loss and gradients).
+# trades memory for recomputation: the same loss and gradients; the token cache reads the very
+# tokens the step would encode).
 NOT_CONTENT = ('data.prepare_workers', 'data.loader_workers', 'spectrogram.griffin_lim_iters',
                'spectrogram.griffin_lim_momentum', 'tokenizer.train.checkpoint_minutes',
                'autoregressor.train.checkpoint_minutes', 'classifier.train.checkpoint_minutes',
-               'autoregressor.remat', 'tokenizer.train.preemption_check_every',
+               'autoregressor.remat', 'autoregressor.token_cache',
+               'tokenizer.train.preemption_check_every',
                'autoregressor.train.preemption_check_every',
                'classifier.train.preemption_check_every', 'tokenizer.train.xla_cpu_options',
                'autoregressor.train.xla_cpu_options', 'classifier.train.xla_cpu_options')
@@ -185,6 +187,10 @@ def derive(config) -> Shapes:
   if a.attention not in ('einsum', 'xla', 'cudnn', 'auto'):
     raise ConfigError(f"autoregressor.attention={a.attention!r}: use 'einsum', 'xla', 'cudnn' or "
                       f"'auto'.")
+  if a.token_cache not in ('auto', 'on', 'off'):
+    raise ConfigError(f"autoregressor.token_cache={a.token_cache!r}: use 'auto' (encode the "
+                      f"train split once when the run reads it at least once), 'on' or 'off' "
+                      f"(encode every batch in the step).")
   if a.remat not in ('none', 'dots', 'full'):
     raise ConfigError(f"autoregressor.remat={a.remat!r}: use 'none' (save every activation), "
                       f"'dots' (save the weight-matmul outputs) or 'full' (save block inputs).")

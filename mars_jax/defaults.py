@@ -184,6 +184,10 @@ def get_config():
   # attention scores, norms, GELU recomputed), 'full' (block inputs only; ~1/3 more compute).
   # Saved activations grow with depth x batch; large.py needs 'full' (see configs/large.py).
   c.autoregressor.remat = 'none'
+  # The frozen tokenizer's tokens of the train split, encoded once at the start of the stage
+  # instead of in every step (stages/token_table.py): 'auto' when the run reads the split at
+  # least once (steps x batch >= examples), 'on', 'off'. Same targets either way.
+  c.autoregressor.token_cache = 'auto'
   c.autoregressor.train = _train(steps=200_000, batch_size=256, lr=1e-4)
 
   # --- sampling -----------------------------------------------------------

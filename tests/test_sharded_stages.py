@@ -1,9 +1,11 @@
 """The real models' train steps on 8 simulated devices (data x fsdp x tensor = 2 x 2 x 2) equal
 the single-device steps: same losses, same updated parameters.
 
-The autoregressor's step runs the frozen tokenizer's encoder inside it, so it covers both
-models' sharded forward; the tokenizer's own train step is left to tests/test_engine.py's
-equality tests (compiling it twice more on 2 cores costs minutes of the suite's budget)."""
+The single-device autoregressor step runs the frozen tokenizer's encoder inside it; the
+8-device one reads its targets from the token table, itself encoded on the 8 devices
+(stages/token_table.py), so the comparison covers both models' sharded forward and the cache.
+The tokenizer's own train step is left to tests/test_engine.py's equality tests (compiling it
+twice more on 2 cores costs minutes of the suite's budget)."""
 import json
 import os
 
@@ -16,6 +18,7 @@ from mars_jax import trained
 from mars_jax import workdir as workdir_lib
 from mars_jax.data import pipeline
 from mars_jax.stages import autoregressor as ar_stage
+from mars_jax.stages import token_table
 from mars_jax.stages import tokenizer as tok_stage
 from mars_jax.train import engine, partitioning
 
@@ -41,7 +44,11 @@ def _run(base, workdir, tmp_path, stage, layout):
     mesh = partitioning.make_mesh(c, devices)
     tok_params, tok_model = trained.load_tokenizer(c, workdir, mesh)
     n_inst = trained.num_instruments(c, pipeline.load_manifest(data_dir))
-    task, _ = ar_stage.make_task(c, config_lib.derive(c), n_inst, tok_model, tok_params)
+    tokens = None
+    if layout == 'dft':
+      table = token_table.encode_split(c, data_dir, mesh, tok_model, tok_params)
+      tokens = token_table.to_device(table, mesh)
+    task, _ = ar_stage.make_task(c, config_lib.derive(c), n_inst, tok_model, tok_params, tokens)
   out = str(tmp_path / f'{stage}-{layout}')
   state = engine.train(task, c, stage, out, devices=devices,
                        train_iter_fn=lambda: pipeline.make_iterator(

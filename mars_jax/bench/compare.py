@@ -18,10 +18,13 @@ tool measured before 2026-12-02).
 
 Parts (the shapes of issue 14's measurements):
   var_tiny  autoregressor step: configs/tiny.py's VAR (depth 3, width 128, 4 heads, 85 tokens,
-            vocab 256), batch 32, with the frozen tiny tokenizer inside the step
+            vocab 256), batch 32, with the frozen tiny tokenizer
   var_mid   autoregressor step: configs/base.py's VAR cut to depth 8, width 512, 8 heads (680
-            tokens, vocab 4096), float32, batch 4, with base's frozen tokenizer inside the step
+            tokens, vocab 4096), float32, batch 4, with base's frozen tokenizer
   tok_tiny  tokenizer step: configs/tiny.py, batch 16
+Each version's autoregressor step runs as its stage does: versions with the token cache
+(stages/token_table.py) read the targets from a table of the batch's tokens, earlier ones run
+the tokenizer's encoder inside the step (`--set autoregressor.token_cache=off` times that path).
 
 Run:
   python -m mars_jax.bench compare --against 1cba8b4 [--parts var_tiny,var_mid,tok_tiny]
@@ -157,9 +160,17 @@ def child(part, steps, warmup, sets, serve=False):
   if stage == 'autoregressor':
     tok_params = meta.unbox(jax.jit(tok_task.init)(jax.random.PRNGKey(1), local))
     tok_params = jax.device_put(tok_params, part_lib.replicated(mesh))
-    task, _ = ar_stage.make_task(config, shapes, 4, tok_model, tok_params)
     local['pitch'] = rng.integers(0, 2, (batch,)).astype(np.int32)
     local['instrument'] = rng.integers(0, 2, (batch,)).astype(np.int32)
+    try:      # versions with the token cache run the step as their stage does: from the table
+      from mars_jax.stages import token_table
+    except ImportError:
+      token_table = None
+    if token_table is not None and config.autoregressor.token_cache != 'off':
+      tokens, local['index'] = token_table.of_batch(tok_model, tok_params, local['image'], mesh)
+      task, _ = ar_stage.make_task(config, shapes, 4, tok_model, tok_params, tokens)
+    else:
+      task, _ = ar_stage.make_task(config, shapes, 4, tok_model, tok_params)
   else:
     task = tok_task
   with jax.set_mesh(mesh), nn.logical_axis_rules(rules):

@@ -81,11 +81,13 @@ def var_model_flops(config, shapes, batch):
 
 
 def var_task(config, shapes, rows):
-  """(Task, model, local batch) of the autoregressor stage, its frozen tokenizer random."""
+  """(Task, model, local batch) of the autoregressor stage, its frozen tokenizer random; with
+  autoregressor.token_cache on, the batch's own tokens are the cached table."""
   import jax
   import numpy as np
   from flax.linen import meta
   from mars_jax.stages import autoregressor as ar_stage
+  from mars_jax.stages import token_table
   from mars_jax.stages import tokenizer as tok_stage
   from mars_jax.train import partitioning
 
@@ -93,11 +95,15 @@ def var_task(config, shapes, rows):
   image = np.zeros((rows,) + tuple(shapes.image), np.float32)
   tok_params = meta.unbox(jax.jit(tok_task.init)(jax.random.PRNGKey(1), {'image': image}))
   # Frozen params ride along as jit arguments: replicated over the mesh the step runs on.
-  tok_params = jax.device_put(tok_params, partitioning.replicated(partitioning.make_mesh(config)))
+  mesh = partitioning.make_mesh(config)
+  tok_params = jax.device_put(tok_params, partitioning.replicated(mesh))
   n_inst = len(sampling_bench.instrument_names(config))
-  task, model = ar_stage.make_task(config, shapes, n_inst, tok_model, tok_params)
   local = {'image': image, 'pitch': np.zeros((rows,), np.int32),
            'instrument': np.zeros((rows,), np.int32)}
+  tokens = None
+  if config.autoregressor.token_cache != 'off':   # as the stage runs it: targets from the table
+    tokens, local['index'] = token_table.of_batch(tok_model, tok_params, image, mesh)
+  task, model = ar_stage.make_task(config, shapes, n_inst, tok_model, tok_params, tokens)
   return task, model, local
 
 

@@ -147,8 +147,9 @@ def make_iterator(config, data_dir: str, split: str, *, batch_size: int, shuffle
   """A checkpointable iterator over this process's share of global batches of `batch_size`.
 
   Each element is {'image': f32 (b, H, W, C), 'pitch', 'instrument', 'velocity', 'index':
-  i32 (b,)} ('index': each example's place in the split) with b = batch_size // process_count. The shuffle is seeded by `seed` (default
-  config.seed) folded with the epoch, so every epoch has a new but reproducible order.
+  i32 (b,)} ('index': each example's place in the split) with b = batch_size // process_count.
+  The shuffle is seeded by `seed` (default config.seed) folded with the epoch, so every epoch
+  has a new but reproducible order.
   Each global batch is consecutive examples of the one global order, process p holding
   its p-th slice: disjoint across processes, together the whole epoch, and the same
   global batches for any process count. `worker_count` (default config.data.loader_workers) > 0

@@ -1,30 +1,38 @@
 """`autoregressor` stage: trains the VAR on token maps of the frozen tokenizer.
 
-Tokens and teacher-forcing inputs are computed on the fly inside the jitted step from
-the tokenizer's params, which the engine passes as `frozen` jit arguments. On the tiny
-config this costs one encoder forward a step; precomputed token shards would save it
-at the price of a second dataset format and a re-run whenever the tokenizer changes.
+The tokenizer's params ride into the jitted step as `frozen` jit arguments. The step's targets
+come from a table of every train example's tokens, encoded once when the stage starts
+(stages/token_table.py, config.autoregressor.token_cache), or, without it, from an encoder
+forward pass inside the step; either way the teacher-forcing inputs are rebuilt from the tokens
+in the step (a few codebook lookups and up-samplings).
 """
 
 import jax
 import jax.numpy as jnp
 
 from mars_jax import config as config_lib
+from mars_jax import progress
 from mars_jax import trained
 from mars_jax import workdir as workdir_lib
 from mars_jax.models import autoregressor as ar
 from mars_jax.models.tokenizer import Tokenizer
+from mars_jax.stages import token_table
 from mars_jax.train import engine, partitioning
 
 NAME = 'autoregressor'
 
 
+def teacher_inputs(tok_model, tok_params, flat, scales):
+  """Flat tokens (B, L) -> teacher-forcing inputs (B, L - p_0^2, d), constants for the VAR."""
+  maps = token_table.scale_maps(flat, scales)
+  teacher = tok_model.apply({'params': tok_params}, maps, method=Tokenizer.idx_to_teacher_inputs)
+  return jax.lax.stop_gradient(teacher)
+
+
 def token_targets(tok_model, tok_params, images):
   """Frozen tokenizer: images -> (flat tokens (B, L) int32, teacher inputs (B, L - p_0^2, d))."""
-  tokens = tok_model.apply({'params': tok_params}, images, method=Tokenizer.encode_tokens)
-  teacher = tok_model.apply({'params': tok_params}, tokens, method=Tokenizer.idx_to_teacher_inputs)
-  flat = jnp.concatenate([t.reshape(t.shape[0], -1) for t in tokens], axis=1)
-  return flat, jax.lax.stop_gradient(teacher)
+  flat = token_table.flat_tokens(tok_model, tok_params, images)
+  return flat, teacher_inputs(tok_model, tok_params, flat, tuple(tok_model.scales))
 
 
 def _scores(logits, flat, scales):
@@ -37,13 +45,24 @@ def _scores(logits, flat, scales):
   return nll, hit, per_scale
 
 
-def make_task(config, shapes, n_instruments, tok_model, tok_params=None):
-  """The VAR as an engine Task; `tok_params` (sharded arrays) ride along as `frozen`."""
+def make_task(config, shapes, n_instruments, tok_model, tok_params=None, tokens=None):
+  """The VAR as an engine Task. `tok_params` (sharded arrays) and, when given, `tokens` (the
+  cached table (N, L), replicated: token_table.to_device) ride along as `frozen`; with the
+  table, train steps read their targets from it by the batch's 'index'."""
   model = ar.from_config(config, shapes, n_instruments)
   init = trained.var_init(model, shapes)
+  frozen = {'tokenizer': tok_params}
+  if tokens is not None:
+    frozen['tokens'] = tokens
+
+  def train_targets(batch, frozen):
+    if 'tokens' not in frozen:
+      return token_targets(tok_model, frozen['tokenizer'], batch['image'])
+    flat = frozen['tokens'][batch['index']]                                    # (B, L)
+    return flat, teacher_inputs(tok_model, frozen['tokenizer'], flat, shapes.scales)
 
   def loss(params, batch, rng, step, frozen):
-    flat, teacher = token_targets(tok_model, frozen, batch['image'])
+    flat, teacher = train_targets(batch, frozen)
     logits = model.apply({'params': params}, batch['pitch'], batch['instrument'], teacher,
                          train=True, rngs={'dropout': rng})
     nll, hit, per_scale = _scores(logits, flat, shapes.scales)
@@ -51,8 +70,8 @@ def make_task(config, shapes, n_instruments, tok_model, tok_params=None):
     return engine.Loss(value, {'loss': value, 'acc': hit.mean(),
                                **{k: v.mean() for k, v in per_scale.items()}})
 
-  def eval_fn(params, batch, frozen):
-    flat, teacher = token_targets(tok_model, frozen, batch['image'])
+  def eval_fn(params, batch, frozen):   # held-out examples: not in the table
+    flat, teacher = token_targets(tok_model, frozen['tokenizer'], batch['image'])
     logits = model.apply({'params': params}, batch['pitch'], batch['instrument'], teacher)
     nll, hit, per_scale = _scores(logits, flat, shapes.scales)
     m = batch['mask'].astype(jnp.float32)
@@ -61,7 +80,7 @@ def make_task(config, shapes, n_instruments, tok_model, tok_params=None):
     out.update({k: (v * m).sum() / n for k, v in per_scale.items()})
     return out
 
-  return engine.Task(init=init, loss=loss, eval_fn=eval_fn, frozen=tok_params), model
+  return engine.Task(init=init, loss=loss, eval_fn=eval_fn, frozen=frozen), model
 
 
 def is_complete(config, workdir):
@@ -81,6 +100,19 @@ def run(config, workdir):
   config_lib.validate_batch(config, NAME, jax.device_count(), jax.process_count())
   mesh = partitioning.make_mesh(config)
   tok_params, tok_model = trained.load_tokenizer(config, workdir, mesh)
+  n_train = int(manifest['splits']['train']['count'])
+  tc, mode = config.autoregressor.train, config.autoregressor.token_cache
+  tokens = None
+  if token_table.wanted(config, n_train):
+    progress.say(f'{NAME}: encoding the {n_train} train examples once (autoregressor.'
+                 f'token_cache={mode!r}; {tc.steps} steps x batch {tc.batch_size} read them '
+                 f'{tc.steps * tc.batch_size / n_train:.3g} times)')
+    table = token_table.encode_split(config, workdir_lib.data_dir(workdir), mesh, tok_model,
+                                     tok_params)
+    tokens = token_table.to_device(table, mesh)
+  else:
+    progress.say(f'{NAME}: the tokenizer encodes every batch in the train step '
+                 f'(autoregressor.token_cache={mode!r})')
   task, _ = make_task(config, shapes, trained.num_instruments(config, manifest), tok_model,
-                      tok_params)
+                      tok_params, tokens)
   trained.train(task, config, NAME, stage_dir, workdir, fp)
