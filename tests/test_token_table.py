@@ -81,3 +81,12 @@ def test_the_cached_train_loss_equals_the_encoded_one(cached, trained_workdir):
     losses = [jax.jit(lambda p, b, f, task=task: task.loss(p, b, rng, 0, f).value)(
         params, device, task.frozen) for task in (plain, fast)]
   assert float(losses[0]) == float(losses[1])
+
+
+@pytest.mark.parametrize('top,dtype', [(2**16 - 1, np.uint16), (2**16, np.int32)])
+def test_the_device_table_holds_the_same_tokens_in_the_smallest_type_that_fits(top, dtype):
+  mesh = partitioning.make_mesh(load_config('tiny'), jax.devices()[:1])
+  table = np.array([[0, 1, top], [top, 7, 3]], np.int32)
+  on_device = token_table.to_device(table, mesh)
+  assert on_device.dtype == dtype
+  np.testing.assert_array_equal(np.asarray(on_device), table)

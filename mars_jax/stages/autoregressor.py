@@ -58,7 +58,7 @@ def make_task(config, shapes, n_instruments, tok_model, tok_params=None, tokens=
   def train_targets(batch, frozen):
     if 'tokens' not in frozen:
       return token_targets(tok_model, frozen['tokenizer'], batch['image'])
-    flat = frozen['tokens'][batch['index']]                                    # (B, L)
+    flat = frozen['tokens'][batch['index']].astype(jnp.int32)                  # (B, L)
     return flat, teacher_inputs(tok_model, frozen['tokenizer'], flat, shapes.scales)
 
   def loss(params, batch, rng, step, frozen):
