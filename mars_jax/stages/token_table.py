@@ -26,9 +26,6 @@ from mars_jax.models import autoregressor as ar
 from mars_jax.models.tokenizer import Tokenizer
 from mars_jax.train import partitioning
 
-MODES = ('auto', 'on', 'off')
-
-
 def flat_tokens(tok_model, tok_params, images):
   """Images (B, H, W, C) -> the token maps of every scale, flattened and joined: (B, L) int32."""
   maps = tok_model.apply({'params': tok_params}, images, method=Tokenizer.encode_tokens)
