@@ -133,7 +133,8 @@ def compiled_step(engine, task, config, stage, mesh, rules, batch_abs):
 
 def child(part, steps, warmup, sets, serve=False):
   """Builds `part`'s step and runs `warmup` untimed steps; then either times `steps` steps or,
-  with `serve`, prints READY and times one step per 'step' line on stdin until 'end'."""
+  with `serve`, prints READY and, for each 'run N' line on stdin, runs one untimed step and N
+  timed ones and prints their times, until 'end'."""
   import resource
   import time
   import flax.linen as nn
@@ -267,7 +268,7 @@ def run_child(tree, part, args, sets, extra_env=()):
 
 
 class Server:
-  """A child that holds its compiled step and times one step each time it is asked."""
+  """A child that holds its compiled step and runs a turn of steps each time it is asked."""
 
   def __init__(self, cmd, tree, env, part):
     self.tree, self.part = tree, part
