@@ -107,9 +107,8 @@ def run(config, workdir):
     progress.say(f'{NAME}: encoding the {n_train} train examples once (autoregressor.'
                  f'token_cache={mode!r}; {tc.steps} steps x batch {tc.batch_size} read them '
                  f'{tc.steps * tc.batch_size / n_train:.3g} times)')
-    table = token_table.encode_split(config, workdir_lib.data_dir(workdir), mesh, tok_model,
-                                     tok_params)
-    tokens = token_table.to_device(table, mesh)
+    tokens = token_table.to_device(token_table.encode_split(  # no int32 copy kept on the host
+        config, workdir_lib.data_dir(workdir), mesh, tok_model, tok_params), mesh)
   else:
     progress.say(f'{NAME}: the tokenizer encodes every batch in the train step '
                  f'(autoregressor.token_cache={mode!r})')
