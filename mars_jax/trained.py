@@ -86,7 +86,7 @@ def var_init(model, shapes):
   first = shapes.scales[0] ** 2
 
   def init(rng, batch):
-    b = batch['image'].shape[0]
+    b = batch['pitch'].shape[0]
     teacher = jnp.zeros((b, shapes.num_tokens - first, shapes.latent[-1]), jnp.float32)
     return model.init({'params': rng}, batch['pitch'], batch['instrument'], teacher)['params']
   return init
@@ -115,17 +115,18 @@ def classifier_init(model):
 # --- training and reading back -------------------------------------------------------------------
 
 
-def train(task, config, section, folder, workdir, fingerprint):
+def train(task, config, section, folder, workdir, fingerprint, train_images=True):
   """Trains `task` with the engine (hyper-parameters: config[section].train) on the prepared
   train split, evaluating on valid, then marks `folder` complete for `fingerprint`. Returns the
-  final TrainState."""
+  final TrainState. `train_images=False`: train batches without 'image' (eval keeps them)."""
   ddir = workdir_lib.data_dir(workdir)
   batch = config[section].train.batch_size
   procs = jax.process_count()
   eval_batch = max(batch // procs, 1) * procs
   state = engine.train(
       task, config, section, folder,
-      train_iter_fn=lambda: pipeline.make_iterator(config, ddir, 'train', batch_size=batch),
+      train_iter_fn=lambda: pipeline.make_iterator(config, ddir, 'train', batch_size=batch,
+                                                   images=train_images),
       eval_iter_fn=lambda: pipeline.eval_batches(config, ddir, 'valid', batch_size=eval_batch))
   workdir_lib.mark_complete(folder, fingerprint, step=int(jax.device_get(state.step)))
   return state

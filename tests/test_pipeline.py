@@ -253,3 +253,13 @@ def test_index_is_each_examples_place_in_its_split_across_epochs_and_processes(c
   real = [int(i) for b in evaluated for i, m in zip(b['index'], b['mask']) if m]
   assert real == list(range(N)) == [int(v) for b in evaluated
                                     for v, m in zip(b['velocity'], b['mask']) if m]
+
+
+def test_batches_without_images_are_the_same_batches_less_the_image(config, data_dir):
+  """images=False (the autoregressor on cached tokens) drops 'image' and nothing else."""
+  full = _take(pipeline.make_iterator(config, data_dir, 'train', batch_size=BATCH, seed=4,
+                                      worker_count=0), 7)
+  lean = _take(pipeline.make_iterator(config, data_dir, 'train', batch_size=BATCH, seed=4,
+                                      worker_count=0, images=False), 7)
+  assert all('image' not in b for b in lean)
+  _assert_same([{k: v for k, v in b.items() if k != 'image'} for b in full], lean)

@@ -91,6 +91,7 @@ class Decode(grain.transforms.MapWithIndex):
   num_pitches: int
   instrument_label: str  # 'family' | 'instrument'
   size: int            # examples in the split
+  image: bool = True   # False: labels and index only (the autoregressor reading cached tokens)
 
   def map_with_index(self, index: int, record: bytes) -> dict:
     r = records.decode(record)
@@ -98,23 +99,26 @@ class Decode(grain.transforms.MapWithIndex):
     if not 0 <= pitch < self.num_pitches:
       raise DataError(f'record {r["name"]!r} has MIDI pitch {int(r["pitch"])} outside '
                       f'data.pitch_range; rerun the prepare stage for this config.')
-    # CMX only permutes values, so it runs in the storage dtype (half the bytes moved);
-    # `to_float32` casts whole batches once.
-    image = cmx.to_image(r['spec'], self)  # reads .mode and .factor
-    return {'image': np.ascontiguousarray(image), 'pitch': np.int32(pitch),
-            'instrument': np.int32(r[self.instrument_label]),
-            'velocity': np.int32(r['velocity']), 'index': np.int32(index % self.size)}
+    out = {'pitch': np.int32(pitch), 'instrument': np.int32(r[self.instrument_label]),
+           'velocity': np.int32(r['velocity']), 'index': np.int32(index % self.size)}
+    if self.image:
+      # CMX only permutes values, so it runs in the storage dtype (half the bytes moved);
+      # `to_float32` casts whole batches once.
+      out['image'] = np.ascontiguousarray(cmx.to_image(r['spec'], self))  # reads .mode, .factor
+    return out
 
 
 def to_float32(batch: dict) -> dict:
   """Casts the stacked images to float32: equal to casting before CMX, which only moves values."""
+  if 'image' not in batch:
+    return batch
   return {**batch, 'image': batch['image'].astype(np.float32)}
 
 
-def _decoder(config, shapes, size) -> Decode:
+def _decoder(config, shapes, size, image=True) -> Decode:
   return Decode(mode=str(config.cmx.mode), factor=int(config.cmx.factor),
                 pitch_lo=shapes.pitch_lo, num_pitches=shapes.num_pitches,
-                instrument_label=str(config.data.instrument_label), size=size)
+                instrument_label=str(config.data.instrument_label), size=size, image=image)
 
 
 def _process(process_index, process_count):
@@ -143,13 +147,14 @@ def _array_records(paths):
 def make_iterator(config, data_dir: str, split: str, *, batch_size: int, shuffle: bool = True,
                   repeat: bool = True, seed: int | None = None, process_index: int | None = None,
                   process_count: int | None = None, worker_count: int | None = None,
-                  drop_remainder: bool = True) -> 'BatchIterator':
+                  drop_remainder: bool = True, images: bool = True) -> 'BatchIterator':
   """A checkpointable iterator over this process's share of global batches of `batch_size`.
 
   Each element is {'image': f32 (b, H, W, C), 'pitch', 'instrument', 'velocity', 'index':
   i32 (b,)} ('index': each example's place in the split) with b = batch_size // process_count.
   The shuffle is seeded by `seed` (default config.seed) folded with the epoch, so every epoch
-  has a new but reproducible order.
+  has a new but reproducible order. `images=False` leaves 'image' out (no CMX, nothing to move
+  to the devices): for a model that reads everything else from a table keyed by 'index'.
   Each global batch is consecutive examples of the one global order, process p holding
   its p-th slice: disjoint across processes, together the whole epoch, and the same
   global batches for any process count. `worker_count` (default config.data.loader_workers) > 0
@@ -164,7 +169,7 @@ def make_iterator(config, data_dir: str, split: str, *, batch_size: int, shuffle
 
   ds, shapes = open_split(config, data_dir, split)
   n = len(ds)
-  ds = ds.map_with_index(_decoder(config, shapes, n))   # lazy: decodes only what is read
+  ds = ds.map_with_index(_decoder(config, shapes, n, images))   # lazy: only what is read
   if shuffle:
     ds = ds.shuffle(seed=seed)
   if repeat:

@@ -114,4 +114,5 @@ def run(config, workdir):
                  f'(autoregressor.token_cache={mode!r})')
   task, _ = make_task(config, shapes, trained.num_instruments(config, manifest), tok_model,
                       tok_params, tokens)
-  trained.train(task, config, NAME, stage_dir, workdir, fp)
+  # With the table, train batches need no spectrograms: none decoded, none sent to the devices.
+  trained.train(task, config, NAME, stage_dir, workdir, fp, train_images=tokens is None)
